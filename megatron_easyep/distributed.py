@@ -1,0 +1,84 @@
+"""torch.distributed + Megatron parallel_state set-up (TP = PP = 1, EP from the command line).
+
+Works under torchrun (reads RANK/WORLD_SIZE/...) and in a plain single process (world size 1),
+with gloo on CPU and NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_easyep import megatron_patches
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    rank: int
+    expert_parallel: int
+    ep_rank: int
+    data_parallel: int  # replicas of the dense part = world_size (TP = PP = 1)
+    dp_rank: int
+    backend: str
+
+    def as_dict(self) -> dict:
+        return dict(world_size=self.world_size, tensor_parallel=1, pipeline_parallel=1,
+                    expert_parallel=self.expert_parallel, data_parallel=self.data_parallel,
+                    backend=self.backend)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(expert_parallel: int = 1, seed: int = 1234) -> Layout:
+    """Initialise torch.distributed (if needed) and Megatron's parallel_state."""
+    from megatron.core import parallel_state
+
+    megatron_patches.apply_all()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=backend)
+    world = dist.get_world_size()
+    if expert_parallel < 1 or world % expert_parallel:
+        raise ValueError(f"--expert-parallel {expert_parallel} must divide the world size {world}")
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_expert_model_parallel_world_size() != expert_parallel:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+            expert_model_parallel_size=expert_parallel)
+    megatron_patches.seed_model_parallel_rng(seed)
+    return Layout(
+        world_size=world,
+        rank=dist.get_rank(),
+        expert_parallel=expert_parallel,
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        data_parallel=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        backend=dist.get_backend(),
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,316 @@
+"""Everything that touches Megatron-Core internals lives here (written against megatron-core 0.19.x).
+
+Four sections, so the next megatron-core release is a one-file change:
+  1. CPU bridges: let the real MoE/MLA layers run without CUDA (gloo). Applied only when CUDA is
+     absent; a GPU run never goes through them.
+  2. DeepSeek routing: group-limited top-k with DeepSeek's own group score (sum of the top-2).
+  3. MLA on the local (non-TE) spec: a core-attention module that accepts MLA's head dims, and the
+     Q projection for q_lora_rank = null.
+  4. Hook points: where the scorer observes the residual stream, the router, the experts and the
+     combined routed output of each MoE layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# 1. CPU bridges
+# --------------------------------------------------------------------------------------------
+
+_CPU_BRIDGES_APPLIED = False
+
+
+class _NoStream:
+    """Stand-in for torch.cuda.Stream/Event on CPU: everything is synchronous already."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NoStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __eq__(self, other):
+        return isinstance(other, _NoStream)
+
+    def __hash__(self):
+        return 0
+
+
+_THE_CPU_STREAM = _NoStream()
+
+
+def _split_sizes_as_list(sizes):
+    if sizes is None or isinstance(sizes, list):
+        return sizes
+    if isinstance(sizes, torch.Tensor):
+        return sizes.tolist()
+    return [int(s) for s in sizes]  # numpy arrays from maybe_move_tensor_to_cpu(as_numpy=True)
+
+
+def apply_cpu_bridges() -> None:
+    """Make Megatron-Core's MoE and MLA layers run on CPU. No-op when CUDA is available."""
+    global _CPU_BRIDGES_APPLIED
+    if _CPU_BRIDGES_APPLIED or torch.cuda.is_available():
+        return
+    _CPU_BRIDGES_APPLIED = True
+
+    # router.py builds expert-bias buffers with device=torch.cuda.current_device(); experts,
+    # mappings.py (all_to_all output buffer) and moe_utils do the same.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # token_dispatcher.py (MoEAlltoAllTokenDispatcher.cuda_dtoh_stream) and shared_experts.py
+    # create side streams and switch to them; on CPU there is one synchronous "stream".
+    torch.cuda.Stream = _NoStream
+    torch.cuda.Event = _NoStream
+    torch.cuda.current_stream = lambda *a, **k: _THE_CPU_STREAM
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    # moe_utils.maybe_move_tensor_to_cpu(record_stream=True) calls Tensor.record_stream on CPU.
+    torch.Tensor.record_stream = lambda self, stream: None
+
+    # tensor_parallel/mappings.py _AllToAll: with EP > 1 the alltoall dispatcher passes split
+    # sizes as tensors/arrays (moe_utils converts them to lists only on GPU); gloo's
+    # all_to_all_single wants Python lists.
+    from megatron.core.tensor_parallel import mappings
+
+    original_forward = mappings._AllToAll.forward
+
+    def forward_with_list_splits(ctx, group, input, output_split_sizes, input_split_sizes,
+                                 use_nccl_stream=False):
+        return original_forward(ctx, group, input, _split_sizes_as_list(output_split_sizes),
+                                _split_sizes_as_list(input_split_sizes), use_nccl_stream)
+
+    mappings._AllToAll.forward = staticmethod(forward_with_list_splits)
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """tensor_parallel.model_parallel_cuda_manual_seed, which needs CUDA unless the inference
+    RNG tracker is used (it is on CPU; a GPU run uses the normal tracker)."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. DeepSeek routing
+# --------------------------------------------------------------------------------------------
+
+_ROUTING_PATCHED = False
+
+
+def deepseek_group_limited_topk(scores: torch.Tensor, topk: int, num_tokens: int,
+                                num_experts: int, num_groups: int, group_topk: int):
+    """Group-limited top-k exactly as DeepSeek-V3 (and transformers, vLLM, SGLang) route: a group
+    scores the sum of its top-2 experts. Megatron-Core sums the top (topk // group_topk), which
+    agrees only when topk / group_topk == 2 and crashes when that exceeds the group size."""
+    group_size = num_experts // num_groups
+    group_scores = scores.view(num_tokens, num_groups, group_size).topk(
+        min(2, group_size), dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+    expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, group_size).reshape(num_tokens, -1)
+    masked_scores = scores.masked_fill(~expert_mask, float("-inf"))
+    return torch.topk(masked_scores, k=topk, dim=-1)
+
+
+def apply_deepseek_routing() -> None:
+    """moe_utils.topk_routing_with_score_function calls the module-level group_limited_topk."""
+    global _ROUTING_PATCHED
+    if _ROUTING_PATCHED:
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.group_limited_topk = deepseek_group_limited_topk
+    _ROUTING_PATCHED = True
+
+
+def apply_all() -> None:
+    apply_cpu_bridges()
+    apply_deepseek_routing()
+
+
+# --------------------------------------------------------------------------------------------
+# 3. MLA on the local spec
+# --------------------------------------------------------------------------------------------
+
+class SDPACoreAttention(torch.nn.Module):
+    """Causal core attention for MLA on the local spec. Megatron's local DotProductAttention does
+    not accept MLA's k_channels/v_channels (q/k head dim != v head dim)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type="self",
+                 softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None,
+                 pg_collection=None, **kwargs):
+        super().__init__()
+        self.config = config
+        # Attention.__init__ builds one without MLA's dims, then MLA rebuilds it with them.
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, **kwargs):
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences are not supported on the local MLA spec")
+        # Megatron layout [s, b, heads, dim] -> SDPA's [b, heads, s, dim]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        scale = self.softmax_scale or 1.0 / math.sqrt(query.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def mla_self_attention_class():
+    """MLASelfAttention whose Q path matches DeepSeek when q_lora_rank is null: a plain q_proj
+    with no Q norm. (0.19's resolver wants a fused norm+linear there, which HF does not have and
+    the local spec cannot build.)"""
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    class DeepseekMLASelfAttention(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules):
+            if self.config.q_lora_rank is not None:
+                return super()._resolve_qk_norm_config(submodules)
+            from megatron.core.transformer.identity_op import IdentityOp
+
+            return dict(linear_q_proj=submodules.linear_q_proj, linear_q_up_proj=IdentityOp,
+                        linear_kv_up_proj=submodules.linear_kv_up_proj,
+                        q_layernorm=IdentityOp, kv_layernorm=submodules.kv_layernorm)
+
+    return DeepseekMLASelfAttention
+
+
+def adapt_local_layer_spec(layer_spec, config) -> None:
+    """Adjust one local-spec TransformerLayer spec (in place) for MLA on CPU."""
+    attention = layer_spec.submodules.self_attention
+    attention.module = mla_self_attention_class()
+    attention.submodules.core_attention = SDPACoreAttention
+    if config.q_lora_rank is None:
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        attention.submodules.q_layernorm = IdentityOp
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Hook points for scoring
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class MoEObservation:
+    """What one MoE layer saw in one forward, on this rank.
+
+    residual:      [T, H] residual stream h entering the MoE block (before pre_mlp_layernorm)
+    routed_output: [T, H] sum_i g_i * e_i over routed experts only (no shared expert), per token
+    routing_map:   [T, E] bool, this rank's tokens
+    probs:         [T, E] final combine weights g (0 where not selected)
+    expert_rows:   [R, H] expert outputs as dispatched to this rank's experts: row = g * e_i(x)
+    row_probs:     [R] the g of each row
+    tokens_per_local_expert: [num_local_experts] row counts, rows grouped by local expert
+    local_expert_ids: global ids of this rank's experts
+    """
+
+    residual: torch.Tensor
+    routed_output: torch.Tensor
+    routing_map: torch.Tensor
+    probs: torch.Tensor
+    expert_rows: torch.Tensor
+    row_probs: torch.Tensor
+    tokens_per_local_expert: torch.Tensor
+    local_expert_ids: list[int]
+
+
+def iter_moe_layers(model):
+    """(decoder layer index, TransformerLayer) for every MoE layer of a GPTModel."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for index, layer in enumerate(model.decoder.layers):
+        if isinstance(layer.mlp, MoELayer):
+            yield index, layer
+
+
+def attach_moe_observers(model, on_layer: Callable[[int, MoEObservation], None]):
+    """Observe every MoE layer of `model`; `on_layer(decoder_layer_index, observation)` runs after
+    the layer's routed output is combined. Returns a function that detaches everything.
+
+    Residual, router and experts are read with ordinary forward hooks. The routed output is taken
+    by wrapping MoELayer.postprocess (instance attribute): it is called with the combined routed
+    output and the shared-expert output separately, so we see sum_i g_i e_i exactly, before the
+    shared expert is added, at no extra cost and with identical numerics.
+    """
+    handles = []
+    restores = []
+    for index, layer in list(iter_moe_layers(model)):
+        moe = layer.mlp
+        seen: dict = {}
+
+        def residual_hook(module, args, seen=seen):
+            seen["residual"] = args[0]
+
+        def router_hook(module, args, output, seen=seen):
+            seen["probs"], seen["routing_map"] = output
+
+        def experts_hook(module, args, output, seen=seen):
+            _, tokens_per_expert, permuted_probs = args[:3]
+            seen["expert_rows"] = output[0]
+            seen["row_probs"] = permuted_probs
+            seen["tokens_per_expert"] = tokens_per_expert
+
+        handles.append(layer.pre_mlp_layernorm.register_forward_pre_hook(residual_hook))
+        handles.append(moe.router.register_forward_hook(router_hook))
+        handles.append(moe.experts.register_forward_hook(experts_hook))
+
+        original_postprocess = moe.postprocess
+
+        def postprocess(output, shared_expert_output, original=original_postprocess, seen=seen,
+                        index=index, moe=moe):
+            routed = original(output, None)
+            hidden = seen["residual"].shape[-1]
+            tokens_per_expert = seen["tokens_per_expert"]
+            if not isinstance(tokens_per_expert, torch.Tensor):
+                tokens_per_expert = torch.tensor(list(tokens_per_expert))
+            on_layer(index, MoEObservation(
+                residual=seen["residual"].reshape(-1, hidden),
+                routed_output=routed.reshape(-1, hidden),
+                routing_map=seen["routing_map"].reshape(-1, seen["routing_map"].shape[-1]),
+                probs=seen["probs"].reshape(-1, seen["probs"].shape[-1]),
+                expert_rows=seen["expert_rows"].reshape(-1, hidden),
+                row_probs=seen["row_probs"].reshape(-1),
+                tokens_per_local_expert=tokens_per_expert.cpu(),
+                local_expert_ids=list(moe.local_expert_indices),
+            ))
+            seen.clear()
+            if shared_expert_output is not None:
+                routed = routed + shared_expert_output
+            return routed
+
+        moe.postprocess = postprocess
+        restores.append(moe)
+
+    def detach():
+        for handle in handles:
+            handle.remove()
+        for moe in restores:
+            del moe.postprocess  # back to the class method
+
+    return detach
+

@@ -1,0 +1,204 @@
+"""HF DeepseekV3 config -> Megatron-Core MLATransformerConfig -> GPTModel, and the weight loader.
+
+Every shape and option comes from the checkpoint's config.json (DeepseekV3Config); the settings
+that give logit parity with transformers are the measured ones in shared/reference/mla-parity.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_easyep import mapping, megatron_patches
+from megatron_easyep.hf_checkpoint import CheckpointError, DeepseekV3Config, HFCheckpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.float32,
+                       expert_parallel: int = 1, dispatcher: str = "alltoall"):
+    """MLATransformerConfig for a DeepseekV3 checkpoint (TP = PP = 1)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    if cfg.n_routed_experts % expert_parallel:
+        raise CheckpointError(
+            f"n_routed_experts={cfg.n_routed_experts} in {cfg.source} is not divisible by "
+            f"--expert-parallel {expert_parallel}")
+    if dispatcher not in ("allgather", "alltoall"):
+        raise ValueError(f"unsupported dispatcher {dispatcher!r}: use allgather or alltoall")
+
+    rope = cfg.rope_scaling
+    yarn = rope is not None and rope.get("type", rope.get("rope_type")) == "yarn"
+    if rope is not None and not yarn:
+        raise CheckpointError(
+            f"rope_scaling type {rope.get('type', rope.get('rope_type'))!r} in {cfg.source} is "
+            "not supported (field 'rope_scaling'): only yarn or none")
+    rope_kwargs = dict(rope_type="rope", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
+    if yarn:
+        rope_kwargs = dict(
+            rope_type="yarn",
+            rotary_scaling_factor=float(rope["factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            beta_fast=float(rope.get("beta_fast", 32)),
+            beta_slow=float(rope.get("beta_slow", 1)),
+            mscale=float(rope.get("mscale", 1.0)),
+            # DeepSeek's softmax scale uses mscale_all_dim; Megatron's default 0.0 is wrong.
+            mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)),
+        )
+
+    on_gpu = torch.cuda.is_available()
+    num_layers = cfg.num_hidden_layers
+    return MLATransformerConfig(
+        num_layers=num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        # MLA
+        multi_latent_attention=True,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_head_dim=cfg.qk_nope_head_dim,  # Megatron's qk_head_dim is HF's nope part
+        qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        qk_layernorm=True,  # q_a_layernorm / kv_a_layernorm
+        rotary_base=cfg.rope_theta,
+        rotary_percent=1.0,
+        rotary_interleaved=False,
+        apply_rope_fusion=False,
+        **rope_kwargs,
+        # norms and MLPs
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # MoE
+        num_moe_experts=cfg.n_routed_experts,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=(cfg.moe_intermediate_size * cfg.n_shared_experts
+                                             if cfg.n_shared_experts else None),
+        moe_shared_expert_overlap=False,
+        moe_layer_freq=[0 if i < cfg.first_k_dense_replace else 1 for i in range(num_layers)],
+        moe_router_topk=cfg.num_experts_per_tok,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=cfg.n_group if cfg.n_group > 1 else None,
+        moe_router_group_topk=cfg.topk_group if cfg.n_group > 1 else None,
+        moe_router_topk_scaling_factor=cfg.routed_scaling_factor,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        expert_model_parallel_size=expert_parallel,
+        # parallelism / precision
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,  # every parameter is loaded from the checkpoint
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_model(cfg: DeepseekV3Config, tcfg):
+    """GPTModel with Megatron-Core's local layer spec (MLA adapted in megatron_patches)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    megatron_patches.apply_all()
+    block_spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False,
+                                            normalization="RMSNorm")
+    for layer_spec in block_spec.layer_specs:
+        megatron_patches.adapt_local_layer_spec(layer_spec, tcfg)
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=block_spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+        parallel_output=True,  # TP = 1: nothing to gather
+    )
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model.eval()
+
+
+def _deinterleave_rope_rows(weight: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """For configs with rope_interleave=false: permute each head's rope rows [0, d/2, 1, d/2+1,
+    ...] so Megatron's de-interleaving rope reproduces HF's half-split rope."""
+    order = torch.stack([torch.arange(rope_dim // 2), torch.arange(rope_dim // 2, rope_dim)],
+                        dim=1).reshape(-1)
+    rows = weight.reshape(-1, head_dim, weight.shape[-1]).clone()
+    rope = rows[:, head_dim - rope_dim:]
+    rows[:, head_dim - rope_dim:] = rope[:, order]
+    return rows.reshape(weight.shape)
+
+
+def _hf_tensor(ckpt: HFCheckpoint, source: mapping.HFSource, dtype) -> torch.Tensor:
+    cfg = ckpt.config
+    parts = [ckpt.read(name, dtype=torch.float32) for name in source.names]
+    tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    if not cfg.rope_interleave:
+        name = source.names[0]
+        qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+            tensor = _deinterleave_rope_rows(tensor, qk_dim, cfg.qk_rope_head_dim)
+        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            tensor = _deinterleave_rope_rows(tensor, tensor.shape[0], cfg.qk_rope_head_dim)
+    return tensor.to(dtype)
+
+
+@torch.no_grad()
+def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel: int = 1):
+    """Fill every parameter/buffer of `model` from the HF checkpoint through the name table.
+    Reads only the tensors this rank's model holds (its own experts plus replicated weights)."""
+    experts_per_rank = ckpt.config.n_routed_experts // expert_parallel
+    state = model.state_dict(keep_vars=True)
+    for name, target in state.items():
+        try:
+            source = mapping.hf_source(name, experts_per_rank=experts_per_rank, ep_rank=ep_rank)
+        except KeyError:
+            raise CheckpointError(f"Megatron parameter {name} has no entry in the HF name table "
+                                  "(megatron_easyep/mapping.py)") from None
+        if source is None or not isinstance(target, torch.Tensor):
+            continue
+        for hf_name in source.names:
+            if hf_name not in ckpt:
+                raise CheckpointError(f"tensor {hf_name} (for Megatron {name}) is missing from "
+                                      f"{ckpt.path}")
+        value = _hf_tensor(ckpt, source, target.dtype)
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"tensor {' + '.join(source.names)} in {ckpt.path} has shape "
+                                  f"{tuple(value.shape)}; Megatron {name} expects "
+                                  f"{tuple(target.shape)} (config {ckpt.config.source})")
+        target.copy_(value.to(target.device))
+    return model
+
+
+def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_parallel: int = 1,
+                        dispatcher: str = "alltoall", ep_rank: int | None = None):
+    """Checkpoint dir -> (HFCheckpoint, loaded GPTModel in eval mode). parallel_state must be
+    initialised (see distributed.init_parallel)."""
+    from megatron.core import parallel_state
+
+    ckpt = HFCheckpoint(ckpt_dir)
+    tcfg = transformer_config(ckpt.config, dtype=dtype, expert_parallel=expert_parallel,
+                              dispatcher=dispatcher)
+    model = build_model(ckpt.config, tcfg)
+    if ep_rank is None:
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+    load_weights(model, ckpt, ep_rank=ep_rank, expert_parallel=expert_parallel)
+    return ckpt, model
