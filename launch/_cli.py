@@ -1,0 +1,36 @@
+"""Shared command-line plumbing for launch/ entry points: YAML defaults + overrides, and one
+place that turns bad input into a clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+
+def load_yaml_defaults(path: str | None, default: Path) -> dict:
+    import yaml
+
+    path = Path(path) if path else default
+    if not path.is_file():
+        raise SystemExit(f"error: config file {path} does not exist")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: {path}: expected a mapping of option: value")
+    return values
+
+
+def run_main(main) -> None:
+    """Call main(); expected input errors exit 2 with one line naming the problem."""
+    from megatron_easyep.demos import DemoError
+    from megatron_easyep.hf_checkpoint import CheckpointError
+
+    try:
+        main()
+    except (CheckpointError, DemoError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,57 @@
+"""Score experts over demonstrations: torchrun --nproc-per-node N launch/score.py [options].
+
+Options come from configs/score.yaml (or --config FILE), overridden by the command line.
+Writes OUTPUT/scores.safetensors ({metric} and {metric}@{domain}, [moe_layers, experts]) and
+OUTPUT/scores.json (provenance). A killed run continues with --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _cli
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML defaults (default: configs/score.yaml)")
+    parser.add_argument("--hf-checkpoint")
+    parser.add_argument("--demos", action="append", help="FILE or FILE:DOMAIN (repeatable)")
+    parser.add_argument("--output")
+    parser.add_argument("--expert-parallel", type=int)
+    parser.add_argument("--dispatcher", choices=["allgather", "alltoall"])
+    parser.add_argument("--max-demos", type=int)
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--log-every", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    values = _cli.load_yaml_defaults(args.config, _cli.REPO / "configs" / "score.yaml")
+    for key, value in vars(args).items():
+        if key != "config" and value not in (None, False):
+            values[key] = value
+    for required in ("hf_checkpoint", "output"):
+        if not values.get(required):
+            parser.error(f"--{required.replace('_', '-')} is required (or set it in the config)")
+    if not values.get("demos"):
+        parser.error("--demos is required (or set demos: in the config)")
+    return values
+
+
+def main(argv=None):
+    from megatron_easyep.scoring import ScoreRun, run_scoring
+
+    values = parse_args(argv)
+    known = set(ScoreRun.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"error: unknown config keys: {', '.join(unknown)}")
+    run_scoring(ScoreRun(**values))
+
+
+if __name__ == "__main__":
+    _cli.run_main(main)
