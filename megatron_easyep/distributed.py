@@ -75,6 +75,15 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234) -> Layout:
     )
 
 
+def max_over_world(value: int, device) -> int:
+    """Every rank pads its step to the same length: EP collectives need equal token counts
+    (allgather dispatcher) and all ranks must run the same number of forwards."""
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return max(int(t.item()), 1)
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 

@@ -202,3 +202,14 @@ def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_
         ep_rank = parallel_state.get_expert_model_parallel_rank()
     load_weights(model, ckpt, ep_rank=ep_rank, expert_parallel=expert_parallel)
     return ckpt, model
+
+
+def forward_padded(model, ids: list[int], length: int) -> torch.Tensor:
+    """Logits [length, vocab] for one sequence right-padded with token 0 to `length`. Attention
+    is causal, so padding never changes the real positions; callers drop padded positions."""
+    device = next(model.parameters()).device
+    input_ids = torch.zeros(1, length, dtype=torch.long, device=device)
+    if ids:
+        input_ids[0, :len(ids)] = torch.tensor(ids, device=device)
+    position_ids = torch.arange(length, device=device).unsqueeze(0)
+    return model(input_ids, position_ids, None)[0]

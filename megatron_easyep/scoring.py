@@ -216,15 +216,12 @@ def run_scoring(run: ScoreRun) -> Path | None:
         for step in range(start, steps):
             demo = my_demos[step][1] if step < len(my_demos) else None
             ids = list(demo.input_ids) if demo else []
-            length = _max_over_world(len(ids), device)
-            input_ids = torch.zeros(1, length, dtype=torch.long, device=device)
+            length = distributed.max_over_world(len(ids), device)
             token_domain = torch.full((length,), -1, dtype=torch.long, device=device)
             if demo:
-                input_ids[0, :len(ids)] = torch.tensor(ids, device=device)
                 token_domain[:len(ids)] = domains.index(demo.domain)
             scorer.begin_step(token_domain)
-            position_ids = torch.arange(length, device=device).unsqueeze(0)
-            model(input_ids, position_ids, None)
+            model_lib.forward_padded(model, ids, length)
             tokens_done += len(ids)
             if (step + 1) % run.checkpoint_every == 0 and step + 1 < steps:
                 _save_state(work, layout.rank, scorer, step + 1)
@@ -267,13 +264,6 @@ def _resolve_dtype(name: str | None, cfg) -> torch.dtype:
     if name not in DTYPES:
         raise ScoringError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _max_over_world(value: int, device) -> int:
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return max(int(t.item()), 1)
 
 
 def _state_file(work: Path, rank: int, next_step: int) -> Path:
