@@ -1,0 +1,505 @@
+"""Streaming export of a pruned HF checkpoint, driven by a `selection.Selection`.
+
+No model and no Megatron: the exporter rewrites safetensors shards at the byte level.
+
+- Every output tensor is a byte range of a source shard (copied with copy_file_range, so FP8
+  weights, their `weight_scale_inv` and every untouched tensor are byte-identical by construction),
+  or, for `mlp.gate.weight` and `mlp.gate.e_score_correction_bias`, the kept rows of one (a
+  row-major [E, ...] tensor's rows are contiguous byte runs, so slicing needs no dtype handling and
+  the fp32 bias stays fp32).
+- Memory is bounded by one router weight plus a copy buffer, never a shard or the model.
+- Kept experts of a layer are renumbered 0..M-1 in ascending original id, which keeps routing
+  groups contiguous (shared/reference/deepseek-checkpoint.md, constraint 4).
+- Output shards keep the source shard names and tensor-to-shard assignment; a shard left empty
+  (e.g. MTP dropped) is not written.
+- Everything is validated before the first byte is written; the output is assembled in a
+  temporary sibling of DST and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_easyep.hf_checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    DeepseekV3Config,
+    HFCheckpoint,
+)
+from megatron_easyep.preflight import PREFLIGHT_FILE, dumps_preflight, preflight_for_config
+from megatron_easyep.selection import RANDOM_METRIC, Selection, pruned_routing_groups, validate_feasibility
+
+PRUNING_FILE = "pruning.json"
+PRUNING_FORMAT = "megatron-easyep-pruning/1"
+MTP_ACTIONS = ("prune", "drop")
+MTP_FALLBACK_RULE = (
+    "sum over the scored MoE layers of their L1-normalised rows of the chosen metric (domains "
+    "mixed as for every layer), then the same group policy; expert ids are not aligned across "
+    "layers, so this keeps the MTP layer consistent and servable but is not an importance estimate"
+)
+
+# bytes per element of safetensors dtypes (sub-byte types are not supported for slicing)
+_ITEMSIZE = {
+    "F64": 8, "I64": 8, "U64": 8,
+    "F32": 4, "I32": 4, "U32": 4,
+    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+_COPY_CHUNK = 64 * 1024 * 1024
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT_NAME = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
+_ROUTER_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked; nothing has been written."""
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors headers (read and written here so tensors move as bytes)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset
+    end: int
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, _StoredTensor], dict[str, str] | None]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"shard file {path} is too short to be safetensors")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"shard file {path} has a corrupt safetensors header length")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"shard file {path} has a corrupt safetensors header: {err}") from err
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None)
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if not 0 <= begin <= end <= size - data_start:
+            raise CheckpointError(f"tensor {name} in {path} points outside the file")
+        tensors[name] = _StoredTensor(entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end)
+    return tensors, metadata
+
+
+@dataclass(frozen=True)
+class _OutputTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: _StoredTensor
+    rows: tuple[int, ...] | None  # kept rows of dim 0, or None for a verbatim byte copy
+
+    @property
+    def nbytes(self) -> int:
+        if self.rows is None:
+            return self.source.end - self.source.begin
+        return len(self.rows) * self._row_bytes
+
+    @property
+    def _row_bytes(self) -> int:
+        return (self.source.end - self.source.begin) // self.source.shape[0]
+
+
+def _write_shard(src_path: Path, dst_path: Path, tensors: list[_OutputTensor], metadata) -> None:
+    # Larger element types first (as the safetensors library orders them) so every tensor starts
+    # at a multiple of its element size; within a size, source order keeps reads sequential.
+    ordered = sorted(tensors, key=lambda t: (-_ITEMSIZE.get(t.dtype, 1), t.source.begin))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for tensor in ordered:
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # 8-byte aligned data, as safetensors pads
+    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
+        dst.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        dst.flush()
+        for tensor in ordered:
+            if tensor.rows is None:
+                _copy_range(src.fileno(), dst, tensor.source.begin, tensor.nbytes)
+            else:
+                row_bytes = tensor._row_bytes
+                data = os.pread(src.fileno(), tensor.source.end - tensor.source.begin, tensor.source.begin)
+                dst.write(b"".join(data[r * row_bytes : (r + 1) * row_bytes] for r in tensor.rows))
+                dst.flush()
+
+
+def _copy_range(src_fd: int, dst, offset: int, count: int) -> None:
+    """Append src[offset:offset+count] to dst, in the kernel when it can (no user-space buffer)."""
+    dst_fd = dst.fileno()
+    while count > 0:
+        try:
+            copied = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
+        except OSError:
+            copied = 0  # cross-device or unsupported: fall back to read/write
+        if copied <= 0:
+            break
+        offset, count = offset + copied, count - copied
+    while count > 0:
+        chunk = os.pread(src_fd, min(count, _COPY_CHUNK), offset)
+        if not chunk:
+            raise CheckpointError(f"unexpected end of file while copying at offset {offset}")
+        os.write(dst_fd, chunk)
+        offset, count = offset + len(chunk), count - len(chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# planning: every decision is made (and checked) before anything is written
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    num_tensors: int
+    total_size: int  # bytes of tensor data, as the index records it
+    seconds: float
+    preflight: dict[str, Any]
+    pruning: dict[str, Any]
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if not src.is_dir():
+        raise ExportError(f"source checkpoint {src} is not a directory")
+    if dst == src:
+        raise ExportError(f"output {dst} is the source checkpoint; write the pruned copy elsewhere")
+    if src in dst.parents:
+        raise ExportError(f"output {dst} is inside the source checkpoint {src}")
+    if dst in src.parents:
+        raise ExportError(f"the source checkpoint {src} is inside the output {dst}")
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise ExportError(f"output {dst} already exists (pass overwrite / --overwrite to replace it)")
+        if not dst.is_dir() or dst.is_symlink():
+            raise ExportError(f"output {dst} exists and is not a directory; refusing to replace it")
+
+
+def _pruned_config(
+    raw_text: str, source: DeepseekV3Config, selection: Selection, drop_mtp: bool
+) -> dict[str, Any]:
+    """The source config.json with only the routing (and MTP) fields changed, key order kept.
+
+    A key the source leaves to its default is only added when the pruned value differs from it.
+    """
+    config = json.loads(raw_text)
+    config["n_routed_experts"] = selection.keep
+    if "n_group" in config or selection.n_group != source.n_group:
+        config["n_group"] = selection.n_group
+    if "topk_group" in config or selection.topk_group != source.topk_group:
+        config["topk_group"] = selection.topk_group
+    if drop_mtp:
+        for key in ("num_nextn_predict_layers", "num_mtp_layers"):
+            if key in config:
+                config[key] = 0
+    return config
+
+
+def _plan(
+    checkpoint: HFCheckpoint, layer_kept: dict[int, tuple[int, ...]], dropped: set[int]
+) -> tuple[dict[str, list[_OutputTensor]], dict[str, Any]]:
+    """Per source shard file: the tensors to write there (any order) and the shard's metadata."""
+    config = checkpoint.config
+    renumber = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in layer_kept.items()}
+    experts_seen: dict[int, set[int]] = {layer: set() for layer in layer_kept}
+    routers_seen: dict[int, set[str]] = {layer: set() for layer in layer_kept}
+    plan: dict[str, list[_OutputTensor]] = {}
+    headers: dict[str, dict[str, _StoredTensor]] = {}
+    metadata: dict[str, Any] = {}
+
+    for shard in sorted(set(checkpoint.weight_map.values())):
+        headers[shard], metadata[shard] = _read_safetensors_header(checkpoint.path / shard)
+        plan[shard] = []
+
+    for name, shard in checkpoint.weight_map.items():
+        stored = headers[shard].get(name)
+        if stored is None:
+            raise CheckpointError(f"tensor {name} is in the index but missing from shard file {shard}")
+        itemsize = _ITEMSIZE.get(stored.dtype)
+        if itemsize is None or math.prod(stored.shape) * itemsize != stored.end - stored.begin:
+            raise CheckpointError(f"tensor {name} in {shard}: dtype {stored.dtype} / shape {stored.shape} "
+                                  f"do not match its {stored.end - stored.begin} bytes")
+        out = _OutputTensor(name, stored.dtype, stored.shape, stored, None)
+        match = _LAYER_NAME.match(name)
+        if match:
+            layer, rest = int(match.group(1)), match.group(2)
+            if layer in dropped:
+                continue
+            if layer in layer_kept:
+                expert = _EXPERT_NAME.match(rest)
+                if rest.startswith("mlp.experts.") and not expert:
+                    raise CheckpointError(f"tensor {name}: unsupported expert layout (expected mlp.experts.<id>.*)")
+                if expert:
+                    old_id = int(expert.group(1))
+                    if old_id >= config.n_routed_experts:
+                        raise CheckpointError(f"tensor {name}: expert id {old_id} >= n_routed_experts "
+                                              f"{config.n_routed_experts}")
+                    experts_seen[layer].add(old_id)
+                    if old_id not in renumber[layer]:
+                        continue
+                    new_name = f"model.layers.{layer}.mlp.experts.{renumber[layer][old_id]}.{expert.group(2)}"
+                    out = _OutputTensor(new_name, stored.dtype, stored.shape, stored, None)
+                elif rest in _ROUTER_TENSORS:
+                    if not stored.shape or stored.shape[0] != config.n_routed_experts:
+                        raise CheckpointError(f"tensor {name} has shape {stored.shape}; its first dimension "
+                                              f"should be n_routed_experts={config.n_routed_experts}")
+                    routers_seen[layer].add(rest)
+                    kept = layer_kept[layer]
+                    out = _OutputTensor(name, stored.dtype, (len(kept), *stored.shape[1:]), stored, kept)
+                elif rest.startswith("mlp.gate."):
+                    raise CheckpointError(f"tensor {name}: unknown router tensor; refusing to guess how to prune it")
+        plan[shard].append(out)
+
+    for layer in layer_kept:
+        if experts_seen[layer] != set(range(config.n_routed_experts)):
+            missing = sorted(set(range(config.n_routed_experts)) - experts_seen[layer])
+            raise CheckpointError(f"MoE layer {layer} lacks tensors of expert(s) {missing[:8]}"
+                                  f"{'...' if len(missing) > 8 else ''} in {checkpoint.path}")
+        if routers_seen[layer] != set(_ROUTER_TENSORS):
+            raise CheckpointError(f"MoE layer {layer} lacks {sorted(set(_ROUTER_TENSORS) - routers_seen[layer])}")
+    return plan, metadata
+
+
+def _validate_selection(selection: Selection, config: DeepseekV3Config, mtp: str) -> dict[int, tuple[int, ...]]:
+    """Check the selection against the checkpoint; returns layer -> kept ids for the layers written."""
+    if selection.config_hash != config.config_hash:
+        raise ExportError(
+            f"the selection's score file was made for a different checkpoint (config hash "
+            f"{selection.config_hash[:12]}..., source {config.config_hash[:12]}...)"
+        )
+    if selection.n_routed_experts != config.n_routed_experts:
+        raise ExportError(f"selection is for {selection.n_routed_experts} experts, source has {config.n_routed_experts}")
+    validate_feasibility(
+        keep=selection.keep,
+        n_routed_experts=config.n_routed_experts,
+        group_policy=selection.group_policy,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        top_k=config.num_experts_per_tok,
+    )
+    if (selection.n_group, selection.topk_group) != pruned_routing_groups(
+        selection.group_policy, config.n_group, config.topk_group
+    ):
+        raise ExportError(
+            f"selection declares n_group={selection.n_group}, topk_group={selection.topk_group}, which is not "
+            f"what policy {selection.group_policy!r} gives for this source"
+        )
+    layers = list(config.moe_layer_ids) + (list(config.mtp_layer_ids) if mtp == "prune" else [])
+    missing = [layer for layer in layers if layer not in selection.kept]
+    if missing:
+        raise ExportError(f"the selection has no kept experts for layer(s) {missing}")
+    allowed = set(config.moe_layer_ids) | set(config.mtp_layer_ids)
+    foreign = [layer for layer in selection.kept if layer not in allowed]
+    if foreign:
+        raise ExportError(f"the selection names layer(s) {foreign}, which are not MoE layers of the source")
+    group_size = config.n_routed_experts // config.n_group
+    for layer in layers:
+        ids = selection.kept[layer]
+        if len(ids) != selection.keep or list(ids) != sorted(set(ids)):
+            raise ExportError(f"layer {layer}: kept ids must be {selection.keep} distinct ascending ids, got {ids}")
+        if ids and not 0 <= ids[0] <= ids[-1] < config.n_routed_experts:
+            raise ExportError(f"layer {layer}: kept ids out of range 0..{config.n_routed_experts - 1}")
+        if selection.n_group > 1:
+            # Pruned group g must be made of original group g's experts, or routing regroups silently.
+            if selection.n_group != config.n_group:
+                raise ExportError(f"grouped selection must keep n_group={config.n_group}, got {selection.n_group}")
+            per_group = selection.keep // selection.n_group
+            for group in range(selection.n_group):
+                members = ids[group * per_group : (group + 1) * per_group]
+                if any(i // group_size != group for i in members):
+                    raise ExportError(
+                        f"layer {layer}: kept experts are not {per_group} per original routing group; "
+                        f"renumbering would silently regroup them (use the collapse policy)"
+                    )
+    return {layer: tuple(selection.kept[layer]) for layer in layers}
+
+
+def _mtp_rule(selection: Selection, layer: int) -> str:
+    if layer in selection.fallback_layers:
+        return "fallback: " + MTP_FALLBACK_RULE
+    if selection.metric == RANDOM_METRIC:
+        return f"random (seed {selection.seed})"
+    return "scored"
+
+
+def _dumps_pruning_record(record: dict[str, Any]) -> str:
+    """JSON with one line per layer's kept ids (readable at 61 layers x 128 ids)."""
+    head = json.dumps({k: v for k, v in record.items() if k != "kept_experts"}, indent=2)
+    layers = ",\n".join(f"    {json.dumps(layer)}: {json.dumps(ids)}" for layer, ids in record["kept_experts"].items())
+    return head[: -len("\n}")] + ',\n  "kept_experts": {\n' + layers + "\n  }\n}\n"
+
+
+def _other_files(src: Path, weight_files: set[str]) -> list[Path]:
+    """Tokenizer, generation config, code, docs: everything but weights, index and our records."""
+    skip = weight_files | {INDEX_FILE, CONFIG_FILE, PRUNING_FILE, PREFLIGHT_FILE}
+    return sorted(
+        path
+        for path in src.iterdir()
+        if not path.name.startswith(".")
+        and path.name not in skip
+        and not path.name.endswith(".safetensors")  # weight files the index does not list
+    )
+
+
+def export_pruned(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    selection: Selection,
+    *,
+    mtp: str = "prune",
+    overwrite: bool = False,
+    log=None,
+) -> ExportReport:
+    """Write a pruned copy of the HF checkpoint `src_dir` to `dst_dir` (see the module docstring).
+
+    mtp="prune" prunes the MTP layer(s) with the selection's ids for them; mtp="drop" removes
+    their tensors and sets num_nextn_predict_layers to 0. Raises ExportError / CheckpointError
+    (both ValueError) before anything is created when the request cannot be honoured.
+    """
+    started = time.perf_counter()
+    src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    if mtp not in MTP_ACTIONS:
+        raise ExportError(f"unknown MTP action {mtp!r}; choose one of {list(MTP_ACTIONS)}")
+    _check_paths(src, dst, overwrite)
+    checkpoint = HFCheckpoint(src)
+    config = checkpoint.config
+    layer_kept = _validate_selection(selection, config, mtp)
+    mtp_layers = list(config.mtp_layer_ids)
+    present = {int(m.group(1)) for m in map(_LAYER_NAME.match, checkpoint.weight_map) if m}
+    absent_mtp = [layer for layer in mtp_layers if layer not in present]
+    if absent_mtp and mtp == "prune":
+        raise ExportError(
+            f"config declares MTP layer(s) {absent_mtp} but the checkpoint has no tensors for them; "
+            f"use mtp='drop' (--mtp drop) to write num_nextn_predict_layers 0"
+        )
+    dropped = set(mtp_layers) if mtp == "drop" else set()
+    plan, shard_metadata = _plan(checkpoint, layer_kept, dropped)
+    config_text = (src / CONFIG_FILE).read_text(encoding="utf-8")
+    new_config = _pruned_config(config_text, config, selection, drop_mtp=bool(dropped))
+    DeepseekV3Config.from_dict(new_config, source=f"pruned {CONFIG_FILE}")  # the result must parse too
+    source_index = {}
+    if (src / INDEX_FILE).is_file():
+        source_index = json.loads((src / INDEX_FILE).read_text(encoding="utf-8"))
+
+    preflight = preflight_for_config(new_config)
+    pruning = {
+        "format": PRUNING_FORMAT,
+        "source": {
+            "path": str(src),
+            "config_hash": config.config_hash,
+            "n_routed_experts": config.n_routed_experts,
+            "n_group": config.n_group,
+            "topk_group": config.topk_group,
+        },
+        "scores_sha256": selection.scores_sha256,
+        "metric": selection.metric,
+        "domains": list(selection.domains) if selection.domains is not None else None,
+        "domain_weights": list(selection.domain_weights) if selection.domain_weights is not None else None,
+        "seed": selection.seed,
+        "group_policy": selection.group_policy,
+        "keep": selection.keep,
+        "n_group": selection.n_group,
+        "topk_group": selection.topk_group,
+        "mtp": {
+            "layers": mtp_layers,
+            "action": mtp if mtp_layers else "none",
+            "rule": {str(layer): _mtp_rule(selection, layer) for layer in mtp_layers if mtp == "prune"},
+        },
+        # HF layer index -> kept original expert ids; new id j is the j-th entry
+        "kept_experts": {str(layer): list(ids) for layer, ids in sorted(layer_kept.items())},
+    }
+
+    # ---- everything checked: write into a temporary sibling, then rename into place ----
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        for shard, tensors in plan.items():
+            if not tensors:
+                continue
+            if log:
+                log(f"writing {shard} ({len(tensors)} tensors)")
+            _write_shard(src / shard, staging / shard, tensors, shard_metadata[shard])
+            for tensor in tensors:
+                weight_map[tensor.name] = shard
+                total_size += tensor.nbytes
+        index_metadata = dict(source_index.get("metadata") or {})
+        index_metadata["total_size"] = total_size
+        index = {"metadata": index_metadata, "weight_map": dict(sorted(weight_map.items()))}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (staging / CONFIG_FILE).write_text(json.dumps(new_config, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+        for path in _other_files(src, set(checkpoint.weight_map.values()) | {SINGLE_FILE}):
+            if path.is_dir():
+                shutil.copytree(path, staging / path.name, symlinks=False)
+            else:
+                shutil.copy2(path, staging / path.name)
+        (staging / PRUNING_FILE).write_text(_dumps_pruning_record(pruning), encoding="utf-8")
+        (staging / PREFLIGHT_FILE).write_text(dumps_preflight(preflight), encoding="utf-8")
+        if dst.exists():
+            retired = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(dst, retired)
+            try:
+                os.rename(staging, dst)
+            except BaseException:
+                os.rename(retired, dst)  # put the previous output back
+                raise
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportReport(
+        path=dst,
+        num_tensors=len(weight_map),
+        total_size=total_size,
+        seconds=time.perf_counter() - started,
+        preflight=preflight,
+        pruning=pruning,
+    )
+
+
+def kept_byte_ranges(src_dir: str | os.PathLike, selection: Selection, *, mtp: str = "prune") -> Iterable[tuple[Path, int, int]]:
+    """(shard path, offset, length) per output tensor: the payload a plain copy of the kept bytes
+    moves (bench/export_bench.py's speed baseline). A sliced router tensor is represented by a
+    run of the same length from its start, which is the same amount of I/O."""
+    src = Path(src_dir).resolve()
+    checkpoint = HFCheckpoint(src)
+    layer_kept = _validate_selection(selection, checkpoint.config, mtp)
+    dropped = set(checkpoint.config.mtp_layer_ids) if mtp == "drop" else set()
+    plan, _ = _plan(checkpoint, layer_kept, dropped)
+    for shard, tensors in plan.items():
+        for tensor in sorted(tensors, key=lambda t: t.source.begin):
+            yield src / shard, tensor.source.begin, tensor.nbytes
