@@ -1,0 +1,23 @@
+# Two commands on a fresh machine: `make demo` (CPU demo, 2 torchrun ranks) and `make test`.
+# Python 3.12 is required by megatron-core 0.19 (see pyproject.toml).
+PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test
+
+$(STAMP): pyproject.toml
+	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it)"; exit 1; }
+	test -x $(VENV)/bin/python || $(PY312) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
