@@ -220,6 +220,7 @@ class MoEObservation:
     """What one MoE layer saw in one forward, on this rank.
 
     residual:      [T, H] residual stream h entering the MoE block (before pre_mlp_layernorm)
+    moe_input:     [T, H] the normed hidden states the router and experts see
     routed_output: [T, H] sum_i g_i * e_i over routed experts only (no shared expert), per token
     routing_map:   [T, E] bool, this rank's tokens
     probs:         [T, E] final combine weights g (0 where not selected)
@@ -230,6 +231,7 @@ class MoEObservation:
     """
 
     residual: torch.Tensor
+    moe_input: torch.Tensor
     routed_output: torch.Tensor
     routing_map: torch.Tensor
     probs: torch.Tensor
@@ -237,6 +239,16 @@ class MoEObservation:
     row_probs: torch.Tensor
     tokens_per_local_expert: torch.Tensor
     local_expert_ids: list[int]
+
+
+def local_experts(moe_layer) -> list:
+    """This rank's expert MLPs of one MoE layer, in local order (SequentialMLP on the local spec).
+    Calling one on x gives (e(x), bias) with no gate applied."""
+    experts = moe_layer.experts
+    if not hasattr(experts, "local_experts"):
+        raise NotImplementedError(f"{type(experts).__name__}: per-expert evaluation needs "
+                                  "SequentialMLP (the local spec)")
+    return list(experts.local_experts)
 
 
 def iter_moe_layers(model):
@@ -267,6 +279,7 @@ def attach_moe_observers(model, on_layer: Callable[[int, MoEObservation], None])
             seen["residual"] = args[0]
 
         def router_hook(module, args, output, seen=seen):
+            seen["moe_input"] = args[0]
             seen["probs"], seen["routing_map"] = output
 
         def experts_hook(module, args, output, seen=seen):
@@ -290,6 +303,7 @@ def attach_moe_observers(model, on_layer: Callable[[int, MoEObservation], None])
                 tokens_per_expert = torch.tensor(list(tokens_per_expert))
             on_layer(index, MoEObservation(
                 residual=seen["residual"].reshape(-1, hidden),
+                moe_input=seen["moe_input"].reshape(-1, hidden),
                 routed_output=routed.reshape(-1, hidden),
                 routing_map=seen["routing_map"].reshape(-1, seen["routing_map"].shape[-1]),
                 probs=seen["probs"].reshape(-1, seen["probs"].shape[-1]),

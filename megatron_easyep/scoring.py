@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,8 +42,12 @@ class ExpertScorer:
     """Online per-(domain, metric, layer, expert) sums for one model on one rank."""
 
     def __init__(self, moe_layer_indices: list[int], num_experts: int, domains: list[str],
-                 ep_group=None, device="cpu"):
+                 ep_group=None, device="cpu", pool_inputs: bool = False):
         self.layer_row = {layer: row for row, layer in enumerate(moe_layer_indices)}
+        # C-Prune: per demonstration, the mean of its MoE inputs in every MoE layer [L, H]
+        self.pool_inputs = pool_inputs
+        self.pooled_inputs: dict[int, torch.Tensor] = {}
+        self.demo_index: int | None = None
         self.num_experts = num_experts
         self.domains = domains
         self.ep_group = ep_group
@@ -52,14 +56,21 @@ class ExpertScorer:
         self.tokens = torch.zeros(len(domains), dtype=torch.float64, device=device)
         self.token_domain: torch.Tensor | None = None  # [T] domain index, -1 = padding
 
-    def begin_step(self, token_domain: torch.Tensor) -> None:
+    def begin_step(self, token_domain: torch.Tensor, demo_index: int | None = None) -> None:
         self.token_domain = token_domain
+        self.demo_index = demo_index
         valid = token_domain >= 0
         self.tokens.index_add_(0, token_domain[valid].long(),
                                torch.ones(int(valid.sum()), dtype=torch.float64,
                                           device=self.tokens.device))
 
     def observe(self, layer_index: int, obs: megatron_patches.MoEObservation) -> None:
+        if self.pool_inputs and self.demo_index is not None:
+            valid = self.token_domain >= 0
+            pooled = self.pooled_inputs.setdefault(
+                self.demo_index, torch.zeros(len(self.layer_row), obs.moe_input.shape[-1],
+                                             dtype=torch.float32))
+            pooled[self.layer_row[layer_index]] = obs.moe_input[valid].float().mean(0).cpu()
         s = metrics.token_contribution(obs.residual, obs.residual + obs.routed_output)
         packed = torch.cat([s.double()[:, None], self.token_domain.double()[:, None].to(s.device),
                             obs.routing_map.double()], dim=1)
@@ -96,11 +107,13 @@ class ExpertScorer:
             dist.all_reduce(self.tokens)
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums.cpu(), "tokens": self.tokens.cpu()}
+        return {"sums": self.sums.cpu(), "tokens": self.tokens.cpu(),
+                "pooled_inputs": dict(self.pooled_inputs)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums.copy_(state["sums"])
         self.tokens.copy_(state["tokens"])
+        self.pooled_inputs = dict(state.get("pooled_inputs", {}))
 
     def score_tensors(self) -> dict[str, torch.Tensor]:
         """{metric: [L, E]} over all domains and {metric@domain: [L, E]}."""
@@ -110,6 +123,35 @@ class ExpertScorer:
             for d, domain in enumerate(self.domains):
                 out[f"{name}@{domain}"] = self.sums[d, m].cpu().contiguous()
         return out
+
+
+@torch.no_grad()
+def cprune_expert_features(model, scorer: ExpertScorer, num_demos: int) -> dict | None:
+    """C-Prune's expert features (arXiv 2504.07807): every expert run on the mean-pooled MoE
+    input of every demonstration. Pooled inputs come from the scoring forward; each rank runs
+    its own experts on all of them, and rank 0 gathers {"features": [L, E, N, H],
+    "pooled_inputs": [L, N, H]} (float32; N = demonstrations in input order)."""
+    from megatron.core import parallel_state
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, scorer.pooled_inputs)
+    by_demo = {k: v for part in gathered for k, v in part.items()}
+    if sorted(by_demo) != list(range(num_demos)):
+        raise RuntimeError("C-Prune: pooled inputs are missing for some demonstrations")
+    pooled = torch.stack([by_demo[i] for i in range(num_demos)], dim=1)  # [L, N, H]
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    features = []
+    for row, (_, layer) in enumerate(megatron_patches.iter_moe_layers(model)):
+        experts = megatron_patches.local_experts(layer.mlp)
+        param = next(experts[0].parameters())
+        x = pooled[row].to(device=param.device, dtype=param.dtype)
+        local = torch.stack([expert(x)[0].float() for expert in experts])  # [E_local, N, H]
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(ep_group))]
+        dist.all_gather(parts, local.contiguous(), group=ep_group)
+        features.append(torch.cat(parts).cpu())  # EP ranks hold contiguous global id blocks
+    if dist.get_rank() != 0:
+        return None
+    return {"features": torch.stack(features).contiguous(), "pooled_inputs": pooled.contiguous()}
 
 
 @dataclass
@@ -129,7 +171,7 @@ class ScoreRun:
     checkpoint_every: int = 20  # steps between resumable state saves
     log_every: int = 10
     seed: int = 1234
-    extra: dict = field(default_factory=dict)
+    cprune_features: bool = False  # also write cprune_features.safetensors (C-Prune)
 
 
 def _json_hash(value) -> str:
@@ -199,7 +241,8 @@ def run_scoring(run: ScoreRun) -> Path | None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     moe_layers = [index for index, _ in megatron_patches.iter_moe_layers(model)]
     scorer = ExpertScorer(moe_layers, cfg.n_routed_experts, domains,
-                          ep_group=parallel_state.get_expert_model_parallel_group(), device=device)
+                          ep_group=parallel_state.get_expert_model_parallel_group(), device=device,
+                          pool_inputs=run.cprune_features)
     detach = megatron_patches.attach_moe_observers(model, scorer.observe)
 
     my_demos = demos_lib.shard_for_rank(demo_list, layout.dp_rank, layout.data_parallel)
@@ -214,13 +257,13 @@ def run_scoring(run: ScoreRun) -> Path | None:
     t0, tokens_done = time.perf_counter(), 0
     with torch.no_grad():
         for step in range(start, steps):
-            demo = my_demos[step][1] if step < len(my_demos) else None
+            index, demo = my_demos[step] if step < len(my_demos) else (None, None)
             ids = list(demo.input_ids) if demo else []
             length = distributed.max_over_world(len(ids), device)
             token_domain = torch.full((length,), -1, dtype=torch.long, device=device)
             if demo:
                 token_domain[:len(ids)] = domains.index(demo.domain)
-            scorer.begin_step(token_domain)
+            scorer.begin_step(token_domain, index)
             model_lib.forward_padded(model, ids, length)
             tokens_done += len(ids)
             if (step + 1) % run.checkpoint_every == 0 and step + 1 < steps:
@@ -233,6 +276,8 @@ def run_scoring(run: ScoreRun) -> Path | None:
                              f"{tokens_done / max(elapsed, 1e-9):.0f} tokens/s")
     detach()
     scorer.all_reduce()
+    features = (cprune_expert_features(model, scorer, len(demo_list))
+                if run.cprune_features else None)
 
     if layout.rank == 0:
         provenance.update({
@@ -247,6 +292,11 @@ def run_scoring(run: ScoreRun) -> Path | None:
             "megatron_core_version": _megatron_version(),
             "torch_version": torch.__version__,
         })
+        if features is not None:
+            from safetensors.torch import save_file
+
+            save_file(features, str(work / "cprune_features.safetensors"))
+            provenance["cprune_features"] = "cprune_features.safetensors"
         _write_scores(work, output, scorer.score_tensors(), provenance, run.overwrite)
         _log(layout, f"wrote {output}/scores.safetensors")
     if dist.get_world_size() > 1:
