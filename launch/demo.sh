@@ -28,4 +28,7 @@ for model in ckpt pruned_math; do
     --demos "$OUT/demos/math_heldout.jsonl:math" --demos "$OUT/demos/code_heldout.jsonl:code" \
     --expert-parallel 2 2>/dev/null
 done
+echo "== 5. routing drift of the pruned model on held-out math (per layer)"
+torchrun --standalone --nproc-per-node 2 launch/routing_drift.py --hf-checkpoint "$OUT/ckpt" \
+  --pruned "$OUT/pruned_math" --demos "$OUT/demos/math_heldout.jsonl:math" --expert-parallel 2 2>/dev/null
 echo "== done: scores in $OUT/scores, pruned checkpoint in $OUT/pruned_math"
