@@ -34,7 +34,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     values = _cli.load_yaml_defaults(args.config, _cli.REPO / "configs" / "score.yaml")
     for key, value in vars(args).items():
-        if key != "config" and value not in (None, False):
+        if key != "config" and value is not None and value is not False:  # 0 is a value
             values[key] = value
     for required in ("hf_checkpoint", "output"):
         if not values.get(required):

@@ -189,6 +189,10 @@ def run_scoring(run: ScoreRun) -> Path | None:
     from megatron_easyep import distributed, model as model_lib
     from megatron_easyep.hf_checkpoint import DeepseekV3Config
 
+    for name in ("max_demos", "max_length", "checkpoint_every", "log_every", "expert_parallel"):
+        value = getattr(run, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ScoringError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
     output = Path(run.output).resolve()
     work = output.with_name(output.name + ".inprogress")
     cfg = DeepseekV3Config.load(run.hf_checkpoint)
