@@ -7,6 +7,9 @@ No model and no Megatron: the exporter rewrites safetensors shards at the byte l
   or, for `mlp.gate.weight` and `mlp.gate.e_score_correction_bias`, the kept rows of one (a
   row-major [E, ...] tensor's rows are contiguous byte runs, so slicing needs no dtype handling and
   the fp32 bias stays fp32).
+- Disabled expert slots (`Selection.disabled`: kept as weights, never routed; C-Prune's uneven
+  per-layer counts) get `e_score_correction_bias` = DISABLED_BIAS (-1e4) written in the bias's own
+  dtype; every other byte is unchanged. pruning.json lists them under "disabled_experts".
 - Memory is bounded by one router weight plus a copy buffer, never a shard or the model.
 - Kept experts of a layer are renumbered 0..M-1 in ascending original id, which keeps routing
   groups contiguous (shared/reference/deepseek-checkpoint.md, constraint 4).
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megatron_easyep.hf_checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -40,7 +45,14 @@ from megatron_easyep.hf_checkpoint import (
     HFCheckpoint,
 )
 from megatron_easyep.preflight import PREFLIGHT_FILE, dumps_preflight, preflight_for_config
-from megatron_easyep.selection import RANDOM_METRIC, Selection, pruned_routing_groups, validate_feasibility
+from megatron_easyep.selection import (
+    DISABLED_BIAS,
+    RANDOM_METRIC,
+    Selection,
+    pruned_routing_groups,
+    validate_disabled,
+    validate_feasibility,
+)
 
 PRUNING_FILE = "pruning.json"
 PRUNING_FORMAT = "megatron-easyep-pruning/1"
@@ -64,6 +76,9 @@ _COPY_CHUNK = 64 * 1024 * 1024
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT_NAME = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
 _ROUTER_TENSORS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+_BIAS_TENSOR = "mlp.gate.e_score_correction_bias"
+# how DISABLED_BIAS is encoded for each floating bias dtype
+_FILL_FORMATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class ExportError(ValueError):
@@ -114,6 +129,8 @@ class _OutputTensor:
     shape: tuple[int, ...]
     source: _StoredTensor
     rows: tuple[int, ...] | None  # kept rows of dim 0, or None for a verbatim byte copy
+    fill_rows: frozenset[int] = frozenset()  # output rows written as `fill` (disabled bias slots)
+    fill: bytes = b""  # one row's bytes
 
     @property
     def nbytes(self) -> int:
@@ -150,7 +167,9 @@ def _write_shard(src_path: Path, dst_path: Path, tensors: list[_OutputTensor], m
             else:
                 row_bytes = tensor._row_bytes
                 data = os.pread(src.fileno(), tensor.source.end - tensor.source.begin, tensor.source.begin)
-                dst.write(b"".join(data[r * row_bytes : (r + 1) * row_bytes] for r in tensor.rows))
+                dst.write(b"".join(tensor.fill if out_row in tensor.fill_rows
+                                   else data[r * row_bytes : (r + 1) * row_bytes]
+                                   for out_row, r in enumerate(tensor.rows)))
                 dst.flush()
 
 
@@ -224,8 +243,20 @@ def _pruned_config(
     return config
 
 
+def _disabled_fill(name: str, stored: _StoredTensor) -> bytes:
+    """DISABLED_BIAS as one element of the bias tensor's dtype."""
+    if stored.dtype not in _FILL_FORMATS or len(stored.shape) != 1:
+        raise CheckpointError(f"tensor {name}: cannot write a disabled-expert bias into a {stored.dtype} "
+                              f"tensor of shape {stored.shape}")
+    value = torch.tensor([DISABLED_BIAS], dtype=_FILL_FORMATS[stored.dtype])
+    return value.view(torch.uint8).numpy().tobytes()
+
+
 def _plan(
-    checkpoint: HFCheckpoint, layer_kept: dict[int, tuple[int, ...]], dropped: set[int]
+    checkpoint: HFCheckpoint,
+    layer_kept: dict[int, tuple[int, ...]],
+    dropped: set[int],
+    layer_disabled: dict[int, tuple[int, ...]] | None = None,
 ) -> tuple[dict[str, list[_OutputTensor]], dict[str, Any]]:
     """Per source shard file: the tensors to write there (any order) and the shard's metadata."""
     config = checkpoint.config
@@ -274,7 +305,12 @@ def _plan(
                                               f"should be n_routed_experts={config.n_routed_experts}")
                     routers_seen[layer].add(rest)
                     kept = layer_kept[layer]
-                    out = _OutputTensor(name, stored.dtype, (len(kept), *stored.shape[1:]), stored, kept)
+                    off = (layer_disabled or {}).get(layer, ())
+                    if rest == _BIAS_TENSOR and off:
+                        out = _OutputTensor(name, stored.dtype, (len(kept), *stored.shape[1:]), stored, kept,
+                                            frozenset(kept.index(i) for i in off), _disabled_fill(name, stored))
+                    else:
+                        out = _OutputTensor(name, stored.dtype, (len(kept), *stored.shape[1:]), stored, kept)
                 elif rest.startswith("mlp.gate."):
                     raise CheckpointError(f"tensor {name}: unknown router tensor; refusing to guess how to prune it")
         plan[shard].append(out)
@@ -289,8 +325,11 @@ def _plan(
     return plan, metadata
 
 
-def _validate_selection(selection: Selection, config: DeepseekV3Config, mtp: str) -> dict[int, tuple[int, ...]]:
-    """Check the selection against the checkpoint; returns layer -> kept ids for the layers written."""
+def _validate_selection(
+    selection: Selection, config: DeepseekV3Config, mtp: str
+) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
+    """Check the selection against the checkpoint; returns (layer -> kept ids, layer -> disabled
+    ids) for the layers written."""
     if selection.config_hash != config.config_hash:
         raise ExportError(
             f"the selection's score file was made for a different checkpoint (config hash "
@@ -340,7 +379,17 @@ def _validate_selection(selection: Selection, config: DeepseekV3Config, mtp: str
                         f"layer {layer}: kept experts are not {per_group} per original routing group; "
                         f"renumbering would silently regroup them (use the collapse policy)"
                     )
-    return {layer: tuple(selection.kept[layer]) for layer in layers}
+    foreign = [layer for layer in selection.disabled if layer not in selection.kept]
+    if foreign:
+        raise ExportError(f"the selection disables experts of layer(s) {foreign}, which keep no experts")
+    layer_kept = {layer: tuple(selection.kept[layer]) for layer in layers}
+    layer_disabled = {layer: tuple(selection.disabled[layer]) for layer in layers if selection.disabled.get(layer)}
+    try:
+        validate_disabled(layer_kept, layer_disabled, group_policy=selection.group_policy, n_group=config.n_group,
+                          topk_group=config.topk_group, top_k=config.num_experts_per_tok)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+    return layer_kept, layer_disabled
 
 
 def _mtp_rule(selection: Selection, layer: int) -> str:
@@ -352,10 +401,13 @@ def _mtp_rule(selection: Selection, layer: int) -> str:
 
 
 def _dumps_pruning_record(record: dict[str, Any]) -> str:
-    """JSON with one line per layer's kept ids (readable at 61 layers x 128 ids)."""
-    head = json.dumps({k: v for k, v in record.items() if k != "kept_experts"}, indent=2)
-    layers = ",\n".join(f"    {json.dumps(layer)}: {json.dumps(ids)}" for layer, ids in record["kept_experts"].items())
-    return head[: -len("\n}")] + ',\n  "kept_experts": {\n' + layers + "\n  }\n}\n"
+    """JSON with one line per layer's kept (and disabled) ids (readable at 61 layers x 128 ids)."""
+    compact = [key for key in ("disabled_experts", "kept_experts") if key in record]
+    text = json.dumps({k: v for k, v in record.items() if k not in compact}, indent=2)[: -len("\n}")]
+    for key in compact:
+        layers = ",\n".join(f"    {json.dumps(layer)}: {json.dumps(ids)}" for layer, ids in record[key].items())
+        text += f',\n  "{key}": {{' + (f"\n{layers}\n  }}" if layers else "}")
+    return text + "\n}\n"
 
 
 def _other_files(src: Path, weight_files: set[str]) -> list[Path]:
@@ -392,7 +444,7 @@ def export_pruned(
     _check_paths(src, dst, overwrite)
     checkpoint = HFCheckpoint(src)
     config = checkpoint.config
-    layer_kept = _validate_selection(selection, config, mtp)
+    layer_kept, layer_disabled = _validate_selection(selection, config, mtp)
     mtp_layers = list(config.mtp_layer_ids)
     present = {int(m.group(1)) for m in map(_LAYER_NAME.match, checkpoint.weight_map) if m}
     absent_mtp = [layer for layer in mtp_layers if layer not in present]
@@ -402,7 +454,7 @@ def export_pruned(
             f"use mtp='drop' (--mtp drop) to write num_nextn_predict_layers 0"
         )
     dropped = set(mtp_layers) if mtp == "drop" else set()
-    plan, shard_metadata = _plan(checkpoint, layer_kept, dropped)
+    plan, shard_metadata = _plan(checkpoint, layer_kept, dropped, layer_disabled)
     config_text = (src / CONFIG_FILE).read_text(encoding="utf-8")
     new_config = _pruned_config(config_text, config, selection, drop_mtp=bool(dropped))
     DeepseekV3Config.from_dict(new_config, source=f"pruned {CONFIG_FILE}")  # the result must parse too
@@ -434,6 +486,9 @@ def export_pruned(
             "action": mtp if mtp_layers else "none",
             "rule": {str(layer): _mtp_rule(selection, layer) for layer in mtp_layers if mtp == "prune"},
         },
+        # HF layer index -> kept original ids whose slots are never routed (bias = disabled_bias)
+        "disabled_bias": DISABLED_BIAS,
+        "disabled_experts": {str(layer): list(ids) for layer, ids in sorted(layer_disabled.items())},
         # HF layer index -> kept original expert ids; new id j is the j-th entry
         "kept_experts": {str(layer): list(ids) for layer, ids in sorted(layer_kept.items())},
     }
@@ -497,9 +552,9 @@ def kept_byte_ranges(src_dir: str | os.PathLike, selection: Selection, *, mtp: s
     run of the same length from its start, which is the same amount of I/O."""
     src = Path(src_dir).resolve()
     checkpoint = HFCheckpoint(src)
-    layer_kept = _validate_selection(selection, checkpoint.config, mtp)
+    layer_kept, layer_disabled = _validate_selection(selection, checkpoint.config, mtp)
     dropped = set(checkpoint.config.mtp_layer_ids) if mtp == "drop" else set()
-    plan, _ = _plan(checkpoint, layer_kept, dropped)
+    plan, _ = _plan(checkpoint, layer_kept, dropped, layer_disabled)
     for shard, tensors in plan.items():
         for tensor in sorted(tensors, key=lambda t: t.source.begin):
             yield src / shard, tensor.source.begin, tensor.nbytes

@@ -28,6 +28,19 @@ applies. Expert ids are not aligned across layers, so this is a placeholder that
 layer consistent and servable, not an importance estimate: score the MTP layer for a real one.
 The layers chosen this way are listed in `Selection.fallback_layers` (and in pruning.json). The
 `random` metric draws a row for every layer, the MTP layer included, so it needs no fallback.
+
+Disabled experts (`Selection.disabled`, used by C-Prune's uneven per-layer counts, see cprune.py)
+-----------------------------------------------------------------------------------------------
+One `n_routed_experts` cannot express a different expert count per layer. A layer that keeps fewer
+experts than the checkpoint's slot count M can fill its spare slots with experts that are kept as
+weights but never routed: the exporter writes their `e_score_correction_bias` as `DISABLED_BIAS`
+(-1e4, in the bias's own dtype). The choice score is sigmoid(logit) + bias, in (bias, bias + 1),
+so a disabled expert can neither reach a top-k nor enter a group's top-2 score as long as every
+(pruned) routing group keeps >= 2 enabled experts and the topk_group smallest groups hold >= top_k
+enabled experts (`validate_disabled`). The combine weights are the UNBIASED sigmoid scores of the
+chosen experts, so the model routes exactly as if the disabled experts were absent (assuming the
+enabled experts' biases are far above -1e4, as in every DeepSeek checkpoint). `selection_from_kept`
+builds such a selection from explicit kept / disabled ids and validates it like `select_experts`.
 """
 
 from __future__ import annotations
@@ -58,6 +71,8 @@ RANDOM_METRIC = "random"  # not stored in the file: drawn from `seed`
 GROUP_POLICIES = ("equal-per-group", "collapse")
 DEFAULT_GROUP_POLICY = "equal-per-group"
 DOMAIN_SEPARATOR = "@"
+# e_score_correction_bias written for a disabled (kept but never routed) expert slot
+DISABLED_BIAS = -1.0e4
 
 
 class SelectionError(ValueError):
@@ -264,6 +279,14 @@ class Selection:
     config_hash: str  # DeepseekV3Config.config_hash of the checkpoint the scores came from
     scores_sha256: str | None
     fallback_layers: tuple[int, ...] = ()  # layers selected by the MTP fallback rule
+    # HF layer index -> original ids kept as weights but never routed (a subset of kept[layer],
+    # ascending); the exporter writes their bias as DISABLED_BIAS. Empty for every layer alike.
+    disabled: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def enabled(self, layer: int) -> tuple[int, ...]:
+        """Kept ids of `layer` that routing can select (kept minus disabled), ascending."""
+        off = set(self.disabled.get(layer, ()))
+        return tuple(i for i in self.kept[layer] if i not in off)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -279,6 +302,7 @@ class Selection:
             "config_hash": self.config_hash,
             "scores_sha256": self.scores_sha256,
             "fallback_layers": list(self.fallback_layers),
+            "disabled_experts": {str(layer): list(ids) for layer, ids in sorted(self.disabled.items()) if ids},
             "kept_experts": {str(layer): list(ids) for layer, ids in sorted(self.kept.items())},
         }
 
@@ -523,4 +547,147 @@ def select_for_checkpoint(
         target_ep=target_ep,
         seed=seed,
         fallback_layers=mtp_layers,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Explicit kept / disabled ids (C-Prune and any other criterion that decides ids itself)
+# --------------------------------------------------------------------------------------------
+
+
+def validate_disabled(
+    kept: Mapping[int, Sequence[int]],
+    disabled: Mapping[int, Sequence[int]],
+    *,
+    group_policy: str,
+    n_group: int,
+    topk_group: int,
+    top_k: int,
+) -> None:
+    """Raise SelectionError unless routing can never select a disabled expert and the enabled
+    experts route exactly as if the disabled ones were absent (see the module docstring).
+
+    `kept` holds the ascending kept ids of every layer (the pruned expert slots, all layers the
+    same count M); `n_group` / `topk_group` are the SOURCE config's. Pruned group g is slots
+    [g*M/n', (g+1)*M/n') with n' the pruned config's n_group.
+    """
+    new_n_group, new_topk_group = pruned_routing_groups(group_policy, n_group, topk_group)
+    for layer, off in disabled.items():
+        if layer not in kept:
+            raise SelectionError(f"disabled experts given for layer {layer}, which keeps no experts")
+        ids = list(kept[layer])
+        off = [int(i) for i in off]
+        if len(set(off)) != len(off):
+            raise SelectionError(f"layer {layer}: duplicate disabled ids {off}")
+        foreign = sorted(set(off) - set(ids))
+        if foreign:
+            raise SelectionError(f"layer {layer}: disabled ids {foreign} are not among the kept ids")
+        if not off:
+            continue
+        if len(ids) % new_n_group:
+            raise SelectionError(f"layer {layer}: {len(ids)} kept ids do not split into {new_n_group} groups")
+        size = len(ids) // new_n_group
+        enabled_per_group = sorted(
+            sum(1 for i in ids[g * size : (g + 1) * size] if i not in set(off)) for g in range(new_n_group)
+        )
+        if new_n_group > 1 and enabled_per_group[0] < 2:
+            raise SelectionError(
+                f"layer {layer}: a routing group keeps {enabled_per_group[0]} enabled expert(s); group scores "
+                f"sum the top-2 choice scores, so a disabled expert would enter them (need >= 2 enabled "
+                f"per group, or the collapse policy)"
+            )
+        reachable = sum(enabled_per_group[:new_topk_group])
+        if reachable < top_k:
+            raise SelectionError(
+                f"layer {layer}: only {reachable} enabled experts in the {new_topk_group} weakest routing "
+                f"group(s) for top_k={top_k}: routing could select a disabled expert"
+            )
+
+
+def selection_from_kept(
+    config: DeepseekV3Config,
+    kept_by_layer: Mapping[int, Sequence[int]],
+    disabled_by_layer: Mapping[int, Sequence[int]] | None = None,
+    *,
+    group_policy: str = DEFAULT_GROUP_POLICY,
+    metric: str,
+    scores_sha256: str | None = None,
+    target_ep: int | None = None,
+    fallback_layers: Sequence[int] = (),
+) -> Selection:
+    """A Selection from explicit kept (and disabled) original expert ids per HF layer.
+
+    Every MoE layer of `config` needs ids; MTP layers may be given (the exporter's mtp="prune"
+    needs them). Every layer must keep the same number M of expert slots (one n_routed_experts);
+    M is validated exactly like `select_experts` validates keep (routing groups, top-k, target EP),
+    under equal-per-group every original routing group must keep M/n_group experts (the pruned
+    groups are the original ones), and disabled ids must pass `validate_disabled`.
+    """
+    allowed = set(config.moe_layer_ids) | set(config.mtp_layer_ids)
+    kept: dict[int, tuple[int, ...]] = {}
+    for layer, ids in kept_by_layer.items():
+        layer = int(layer)
+        if layer not in allowed:
+            raise SelectionError(f"layer {layer} is not a MoE (or MTP) layer of this checkpoint")
+        ids = [int(i) for i in ids]
+        if len(set(ids)) != len(ids):
+            raise SelectionError(f"layer {layer}: duplicate kept ids {ids}")
+        if any(not 0 <= i < config.n_routed_experts for i in ids):
+            raise SelectionError(f"layer {layer}: kept ids out of range 0..{config.n_routed_experts - 1}: {ids}")
+        kept[layer] = tuple(sorted(ids))
+    missing = [layer for layer in config.moe_layer_ids if layer not in kept]
+    if missing:
+        raise SelectionError(f"no kept experts for MoE layer(s) {missing}")
+    counts = {layer: len(ids) for layer, ids in kept.items()}
+    if len(set(counts.values())) != 1:
+        raise SelectionError(
+            f"every layer must keep the same number of expert slots (one n_routed_experts), got {counts}; "
+            f"express uneven counts with disabled slots"
+        )
+    keep = next(iter(counts.values()))
+    validate_feasibility(
+        keep=keep,
+        n_routed_experts=config.n_routed_experts,
+        group_policy=group_policy,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        top_k=config.num_experts_per_tok,
+        target_ep=target_ep,
+    )
+    new_n_group, new_topk_group = pruned_routing_groups(group_policy, config.n_group, config.topk_group)
+    if new_n_group > 1:
+        group_size, per_group = config.n_routed_experts // config.n_group, keep // new_n_group
+        for layer, ids in kept.items():
+            counts_per_group = [sum(1 for i in ids if i // group_size == g) for g in range(config.n_group)]
+            if any(c != per_group for c in counts_per_group):
+                raise SelectionError(
+                    f"layer {layer}: group policy {group_policy!r} needs {per_group} kept experts in every "
+                    f"original routing group, got {counts_per_group} (use the collapse policy)"
+                )
+    disabled = {
+        int(layer): tuple(sorted(int(i) for i in ids)) for layer, ids in (disabled_by_layer or {}).items() if len(ids)
+    }
+    validate_disabled(
+        kept,
+        disabled,
+        group_policy=group_policy,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        top_k=config.num_experts_per_tok,
+    )
+    return Selection(
+        kept=dict(sorted(kept.items())),
+        n_routed_experts=config.n_routed_experts,
+        keep=keep,
+        n_group=new_n_group,
+        topk_group=new_topk_group,
+        group_policy=group_policy,
+        metric=metric,
+        domains=None,
+        domain_weights=None,
+        seed=None,
+        config_hash=config.config_hash,
+        scores_sha256=scores_sha256,
+        fallback_layers=tuple(sorted(int(layer) for layer in fallback_layers)),
+        disabled=dict(sorted(disabled.items())),
     )
