@@ -309,7 +309,7 @@ def attach_moe_observers(model, on_layer: Callable[[int, MoEObservation], None])
                 probs=seen["probs"].reshape(-1, seen["probs"].shape[-1]),
                 expert_rows=seen["expert_rows"].reshape(-1, hidden),
                 row_probs=seen["row_probs"].reshape(-1),
-                tokens_per_local_expert=tokens_per_expert.cpu(),
+                tokens_per_local_expert=tokens_per_expert,
                 local_expert_ids=list(moe.local_expert_indices),
             ))
             seen.clear()

@@ -46,6 +46,7 @@ def expert_scores(expert_ids: torch.Tensor, gate: torch.Tensor, expert_out_norm:
                   dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """Sum each metric's pair contributions per expert: -> {metric: [num_experts]}."""
     pairs = pair_scores(gate.to(dtype), expert_out_norm.to(dtype), token_contrib.to(dtype))
-    index = expert_ids.long()
-    return {name: torch.zeros(num_experts, dtype=dtype, device=value.device).index_add_(
-        0, index, value) for name, value in pairs.items()}
+    stacked = torch.stack([pairs[name] for name in METRICS], dim=1)  # one scatter for all
+    sums = torch.zeros(num_experts, len(METRICS), dtype=dtype, device=stacked.device)
+    sums.index_add_(0, expert_ids.long(), stacked)
+    return {name: sums[:, m] for m, name in enumerate(METRICS)}

@@ -92,11 +92,14 @@ def _route_logits(router_input, gate_weight, bias, routing: Routing):
 
 def layer_drift(router_input: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor,
                 kept_ids, original: Routing, pruned: Routing,
-                megatron_routing_map: torch.Tensor | None = None) -> dict:
+                megatron_routing_map: torch.Tensor | None = None, disabled_ids=(),
+                disabled_bias: float = -1e4) -> dict:
     """Drift sums of one layer for tokens `router_input` [T, H].
 
     gate_weight [E, H] and bias [E] are the ORIGINAL router's; kept_ids lists the kept original
-    ids, position = new id. Everything is computed in fp32. Returns
+    ids, position = new id; disabled_ids (a subset) are kept as weights but carry
+    `disabled_bias` in the pruned router (C-Prune's uneven layouts), so they count as pruned.
+    Everything is computed in fp32. Returns
     {"tokens", "agree", "kept_mass", "same_topk"} (sums over tokens; add them across batches and
     ranks) and, when `megatron_routing_map` [T, E] (what the model itself routed) is given,
     "megatron_mismatch": tokens whose recomputed original top-k set differs from it.
@@ -116,11 +119,15 @@ def layer_drift(router_input: torch.Tensor, gate_weight: torch.Tensor, bias: tor
         return out
 
     orig_ids, orig_weights = _route_logits(x, weight, bias, original)
-    pruned_ids, _ = _route_logits(x, weight[kept], bias[kept], pruned)
+    pruned_bias = bias[kept].clone()
+    disabled = [list(kept_ids).index(i) for i in disabled_ids]
+    pruned_bias[disabled] = disabled_bias
+    pruned_ids, _ = _route_logits(x, weight[kept], pruned_bias, pruned)
     pruned_as_original = kept[pruned_ids]  # [T, k] original ids
 
     is_kept = torch.zeros(num_experts, dtype=torch.bool, device=x.device)
     is_kept[kept] = True
+    is_kept[torch.as_tensor(list(disabled_ids), dtype=torch.long, device=x.device)] = False
     chosen_kept = is_kept[orig_ids]  # [T, k]
     in_pruned = (orig_ids.unsqueeze(-1) == pruned_as_original.unsqueeze(-2)).any(-1)  # [T, k]
     agree = (in_pruned | ~chosen_kept).all(-1)
@@ -144,6 +151,8 @@ def layer_drift(router_input: torch.Tensor, gate_weight: torch.Tensor, bias: tor
 @dataclass(frozen=True)
 class PrunedPlan:
     kept: dict[int, tuple[int, ...]]  # HF layer -> kept original ids (position = new id)
+    disabled: dict[int, tuple[int, ...]]  # HF layer -> kept ids that the router never selects
+    disabled_bias: float
     original: Routing
     pruned: Routing
     group_policy: str | None
@@ -206,7 +215,15 @@ def load_pruned_plan(src_ckpt, pruned_dir) -> PrunedPlan:
         return Routing(cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
                        float(cfg.routed_scaling_factor), bool(cfg.norm_topk_prob))
 
-    return PrunedPlan(kept=kept, original=routing(src_cfg), pruned=routing(pruned_cfg),
+    disabled = {int(layer): tuple(ids)
+                for layer, ids in (record.get("disabled_experts") or {}).items()}
+    for layer, ids in disabled.items():
+        if not set(ids) <= set(kept.get(layer, ())):
+            raise RoutingDriftError(f"{record_path} layer {layer}: disabled experts {list(ids)} "
+                                    "are not among the kept experts")
+    return PrunedPlan(kept=kept, disabled=disabled,
+                      disabled_bias=float(record.get("disabled_bias", -1e4)),
+                      original=routing(src_cfg), pruned=routing(pruned_cfg),
                       group_policy=record.get("group_policy"), pruning_record=record)
 
 
@@ -234,7 +251,9 @@ def _observe_routers(model, plan: PrunedPlan, state: dict, sums: dict):
             x = x.reshape(-1, x.shape[-1])[:n]
             routing_map = output[1].reshape(-1, weight.shape[0])[:n]
             got = layer_drift(x, weight, bias, plan.kept[index], plan.original, plan.pruned,
-                              megatron_routing_map=routing_map)
+                              megatron_routing_map=routing_map,
+                              disabled_ids=plan.disabled.get(index, ()),
+                              disabled_bias=plan.disabled_bias)
             row = sums[index]
             for k, key in enumerate((*SUM_KEYS, "megatron_mismatch")):
                 row[k] += got[key]

@@ -55,14 +55,13 @@ class ExpertScorer:
                                 num_experts, dtype=torch.float64, device=device)
         self.tokens = torch.zeros(len(domains), dtype=torch.float64, device=device)
         self.token_domain: torch.Tensor | None = None  # [T] domain index, -1 = padding
+        self._local_id_cache: dict = {}
 
     def begin_step(self, token_domain: torch.Tensor, demo_index: int | None = None) -> None:
         self.token_domain = token_domain
         self.demo_index = demo_index
-        valid = token_domain >= 0
-        self.tokens.index_add_(0, token_domain[valid].long(),
-                               torch.ones(int(valid.sum()), dtype=torch.float64,
-                                          device=self.tokens.device))
+        counts = torch.bincount(token_domain + 1, minlength=len(self.domains) + 1)  # 0 = padding
+        self.tokens += counts[1:].to(self.tokens)
 
     def observe(self, layer_index: int, obs: megatron_patches.MoEObservation) -> None:
         if self.pool_inputs and self.demo_index is not None:
@@ -80,26 +79,37 @@ class ExpertScorer:
             packed = torch.cat(parts, dim=0)
         s_group, domain_group, routing_group = packed[:, 0], packed[:, 1].long(), packed[:, 2:]
 
-        local = torch.tensor(obs.local_expert_ids, device=packed.device)
-        local_expert, token = routing_group[:, local].bool().T.nonzero(as_tuple=True)
+        local = self._local_ids(obs.local_expert_ids, packed.device)
         rows = obs.expert_rows
-        if token.numel() != rows.shape[0]:
+        routed_here = routing_group[:, local].bool().T  # [E_local, T_group]
+        # Rows are grouped by local expert, tokens in EP-group order: exactly the order of
+        # routed_here.nonzero(). nonzero_static with the known row count avoids a GPU sync;
+        # on CPU we also check the count (free there).
+        if not rows.is_cuda and int(routed_here.sum()) != rows.shape[0]:
             raise RuntimeError(
                 f"layer {layer_index}: {rows.shape[0]} expert rows but the routing map routes "
-                f"{token.numel()} tokens to this rank's experts; the dispatcher's row layout is "
-                "not what megatron_easyep.scoring assumes")
+                f"{int(routed_here.sum())} tokens to this rank's experts; the dispatcher's row "
+                "layout is not what megatron_easyep.scoring assumes")
+        local_expert, token = torch.nonzero_static(routed_here, size=rows.shape[0]).unbind(1)
         gate = obs.row_probs.float()
         out_norm = rows.float().norm(dim=-1)
         expert_out_norm = torch.where(gate > 0, out_norm / gate.clamp_min(1e-30),
                                       torch.zeros_like(out_norm))
+        # padding tokens (domain -1) land in one extra bin that is dropped
         domain = domain_group[token]
-        keep = domain >= 0
-        bins = domain[keep] * self.num_experts + local[local_expert[keep]]
-        sums = metrics.expert_scores(bins, gate[keep], expert_out_norm[keep],
-                                     s_group[token][keep], len(self.domains) * self.num_experts)
+        num_bins = len(self.domains) * self.num_experts
+        bins = torch.where(domain >= 0, domain * self.num_experts + local[local_expert], num_bins)
+        sums = metrics.expert_scores(bins, gate, expert_out_norm, s_group[token], num_bins + 1)
         row = self.layer_row[layer_index]
         for m, name in enumerate(metrics.METRICS):
-            self.sums[:, m, row] += sums[name].view(len(self.domains), self.num_experts)
+            self.sums[:, m, row] += sums[name][:num_bins].view(len(self.domains),
+                                                               self.num_experts)
+
+    def _local_ids(self, ids: list[int], device) -> torch.Tensor:
+        key = (tuple(ids), str(device))
+        if key not in self._local_id_cache:
+            self._local_id_cache[key] = torch.tensor(ids, device=device)
+        return self._local_id_cache[key]
 
     def all_reduce(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:

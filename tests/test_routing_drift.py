@@ -362,3 +362,16 @@ def test_plan_checks(e2e, tmp_path):
     (broken / "pruning.json").write_text(json.dumps(record))
     with pytest.raises(RoutingDriftError, match="n_routed_experts=8"):
         load_pruned_plan(e2e["src"], broken)
+
+
+def test_disabled_slots_count_as_pruned():
+    """A C-Prune `disable` export keeps expert 0's weights but gives it bias -1e4: the pruned
+    router must skip it exactly as if it were not kept."""
+    x, weight, bias = identity_router(FLAT_SCORES)
+    as_pruned = layer_drift(x, weight, bias, [1, 2, 3, 4], FLAT, FLAT)
+    disabled = layer_drift(x, weight, bias, [0, 1, 2, 3, 4], FLAT, FLAT, disabled_ids=(0,))
+    assert disabled == as_pruned
+    assert disabled["kept_mass"] == pytest.approx(8 / 17, abs=1e-6)
+    # without the disable, expert 0 is routed again and nothing drifts
+    enabled = layer_drift(x, weight, bias, [0, 1, 2, 3, 4], FLAT, FLAT)
+    assert enabled["kept_mass"] == pytest.approx(1.0, abs=1e-6)
