@@ -5,7 +5,7 @@ PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test
+.PHONY: setup demo test tools
 
 $(STAMP): pyproject.toml
 	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it)"; exit 1; }
@@ -19,5 +19,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
 
-test: $(STAMP)
+# shellcheck lints the SLURM templates (tests/test_slurm.py skips that check without it)
+tools:
+	@command -v shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; } || echo "note: shellcheck not installed"
+
+test: $(STAMP) tools
 	$(VENV)/bin/python -m pytest -q tests

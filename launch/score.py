@@ -29,6 +29,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cprune-features", action="store_true",
                         help="also write C-Prune expert features (cprune_features.safetensors)")
+    parser.add_argument("--fp8", choices=["none", "auto", "emulated", "te"],
+                        help="FP8 calibration forward: emulated = DeepSeek's FP8 numerics (e4m3, "
+                             "128x128 weight blocks, 1x128 dynamic activation groups) on any device")
+    parser.add_argument("--telemetry-interval", type=float,
+                        help="seconds between GPU memory/utilisation samples (GPUs only)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)

@@ -182,6 +182,8 @@ class ScoreRun:
     log_every: int = 10
     seed: int = 1234
     cprune_features: bool = False  # also write cprune_features.safetensors (C-Prune)
+    fp8: str = "none"  # none | auto | emulated | te (see fp8_emulation.resolve_fp8_mode)
+    telemetry_interval: float = 5.0  # seconds between GPU samples (nvidia-ml-py; GPUs only)
 
 
 def _json_hash(value) -> str:
@@ -219,6 +221,15 @@ def run_scoring(run: ScoreRun) -> Path | None:
         demo_files.append({"path": str(demo_file.path), "domain": demo_file.domain,
                            "sha256": demos_lib.file_sha256(demo_file.path)})
 
+    from megatron_easyep import fp8_emulation, telemetry
+
+    fp8_mode = fp8_emulation.resolve_fp8_mode(run.fp8)  # a clear error before any compute
+    if fp8_mode == "te" and run.fp8 == "auto":
+        fp8_mode = "emulated"
+    if fp8_mode == "te":
+        raise fp8_emulation.Fp8Unavailable(
+            "--fp8 te: Transformer Engine is usable here, but megatron-easyep builds Megatron's "
+            "local layer spec only; use --fp8 emulated (DeepSeek's FP8 numerics, any device)")
     layout = distributed.init_parallel(run.expert_parallel, seed=run.seed)
     dtype = _resolve_dtype(run.dtype, cfg)
     provenance = {
@@ -232,26 +243,31 @@ def run_scoring(run: ScoreRun) -> Path | None:
         "dtype": str(dtype).replace("torch.", ""),
         "dispatcher": run.dispatcher,
         "layout": layout.as_dict(),
+        "fp8": {"mode": fp8_mode},
     }
     run_id = _json_hash({k: provenance[k] for k in ("config_hash", "demos", "max_demos",
-                                                     "max_length", "dtype", "layout")})
+                                                     "max_length", "dtype", "layout", "fp8")})
 
-    if layout.rank == 0:
-        if not run.resume:
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            (work / "run.json").write_text(json.dumps({"run_id": run_id}))
-        elif json.loads((work / "run.json").read_text())["run_id"] != run_id:
-            raise ScoringError(f"--resume: {work} belongs to a different run (checkpoint, demos, "
-                               "length limits, dtype or parallel layout differ)")
+    if layout.rank == 0 and not run.resume:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / "run.json").write_text(json.dumps({"run_id": run_id}))
     if dist.get_world_size() > 1:
         dist.barrier()
+    if run.resume and json.loads((work / "run.json").read_text())["run_id"] != run_id:
+        # every rank checks, so no rank is left waiting in a collective
+        raise ScoringError(f"--resume: {work} belongs to a different run (checkpoint, demos, "
+                           "length limits, dtype, FP8 mode or parallel layout differ)")
 
     ckpt, model = model_lib.load_megatron_model(run.hf_checkpoint, dtype=dtype,
                                                 expert_parallel=run.expert_parallel,
                                                 dispatcher=run.dispatcher)
     from megatron.core import parallel_state
 
+    if fp8_mode == "emulated":
+        fp8_state = fp8_emulation.enable_fp8_emulation(
+            model, cfg.weight_block_size or fp8_emulation.DEFAULT_BLOCK_SIZE, hf_config=cfg)
+        provenance["fp8"] = fp8_state.as_dict()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     moe_layers = [index for index, _ in megatron_patches.iter_moe_layers(model)]
     scorer = ExpertScorer(moe_layers, cfg.n_routed_experts, domains,
@@ -269,6 +285,7 @@ def run_scoring(run: ScoreRun) -> Path | None:
 
     fault_after = int(os.environ.get("EASYEP_FAULT_AFTER_STEPS", "0"))  # tests: simulated kill
     t0, tokens_done = time.perf_counter(), 0
+    gpu_telemetry = telemetry.GpuTelemetry(run.telemetry_interval).start()
     with torch.no_grad():
         for step in range(start, steps):
             index, demo = my_demos[step] if step < len(my_demos) else (None, None)
@@ -289,6 +306,11 @@ def run_scoring(run: ScoreRun) -> Path | None:
                 _log(layout, f"step {step + 1}/{steps}  rank0 tokens {tokens_done}  "
                              f"{tokens_done / max(elapsed, 1e-9):.0f} tokens/s")
     detach()
+    gpu_telemetry.stop()
+    per_rank_telemetry = telemetry.gather_summaries(gpu_telemetry.summary())  # every rank
+    if per_rank_telemetry is not None:
+        provenance["gpu_telemetry"] = per_rank_telemetry
+        _log(layout, telemetry.format_summary(per_rank_telemetry))
     scorer.all_reduce()
     features = (cprune_expert_features(model, scorer, len(demo_list))
                 if run.cprune_features else None)

@@ -1,0 +1,514 @@
+"""Memory planning for scoring and serving, from a checkpoint's config.json alone.
+
+Every number is computed from the config (no tensor is read): parameter counts per component
+(embedding, lm_head, attention, dense MLP, shared experts, routed experts, router, norms, MTP),
+their bytes in bf16 or in DeepSeek's FP8 layout (e4m3 + a float32 scale per 128x128 block), an
+explicit per-rank activation/workspace estimate, and from those:
+
+  (a) the expert-parallel layouts that fit the FULL model for scoring with megatron-easyep, which
+      today runs TP = 1, PP = 1 and EP = any divisor of n_routed_experts (and of the world size):
+      every rank holds the non-expert weights whole and n_routed_experts / EP experts per MoE
+      layer; extra ranks beyond EP are data-parallel replicas. The PP > 1 layouts that would fit
+      are listed too, marked as not supported yet (see PP_NOTE).
+  (b) for each kept-expert count M, the smallest number of GPUs that serves the pruned model with
+      FP8 weights (see ServeAssumptions for the serving layout assumed).
+
+Shapes follow DeepSeek-V3's HF tensors (shared/reference/deepseek-checkpoint.md); the MTP layer
+(num_nextn_predict_layers) is counted where it is stored (checkpoint and serving totals) and not
+where megatron-easyep does not build it (scoring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from megatron_easyep.hf_checkpoint import DeepseekV3Config
+
+GIB = 1024**3
+DEFAULT_BLOCK = (128, 128)
+
+PP_NOTE = (
+    "PP > 1 is not supported by megatron-easyep yet. It would need: build_model with "
+    "pre_process/post_process per stage and the stage's layer range, the weight loader's "
+    "layer_offset (mapping.hf_source already takes one), a forward-only pipeline schedule "
+    "(megatron.core.pipeline_parallel.get_forward_backward_func) instead of one model call, "
+    "scores gathered over the pipeline group (each stage scores its own MoE layers), and the "
+    "layer indices in scores.json offset per stage.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Counting
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Part:
+    """A group of tensors: parameters and stored bytes (bf16 / FP8 checkpoint layout)."""
+
+    scope: str      # "main" or "mtp"
+    category: str   # embedding, lm_head, final_norm, norms, attention, dense_mlp,
+    #                 shared_experts, routed_experts, router, mtp_extra
+    params: int = 0
+    quantized_params: int = 0  # stored as e4m3 in an FP8 checkpoint
+    scale_elements: int = 0    # float32 scale_inv entries for those
+    fp32_params: int = 0       # stored as float32 in every checkpoint (the router's expert bias)
+
+    def bytes(self, dtype: str) -> int:
+        """Stored bytes: "bf16" (all 2 bytes but the fp32 bias), "fp8" (DeepSeek's layout),
+        "fp32" (everything 4 bytes, as the CPU scoring run holds it)."""
+        if dtype == "fp32":
+            return 4 * self.params
+        other = self.params - self.fp32_params
+        if dtype == "bf16":
+            return 2 * other + 4 * self.fp32_params
+        if dtype == "fp8":
+            return (self.quantized_params + 4 * self.scale_elements
+                    + 2 * (other - self.quantized_params) + 4 * self.fp32_params)
+        raise ValueError(f"dtype {dtype!r}: choose bf16, fp8 or fp32")
+
+
+class Counter:
+    def __init__(self, block=DEFAULT_BLOCK):
+        self.block = block
+        self.parts: dict[tuple[str, str], Part] = {}
+
+    def add(self, scope, category, shape, count=1, *, quantized=False, fp32=False):
+        part = self.parts.setdefault((scope, category), Part(scope, category))
+        numel = math.prod(shape) * count
+        part.params += numel
+        if quantized:
+            rows, cols = shape
+            part.quantized_params += numel
+            part.scale_elements += math.ceil(rows / self.block[0]) * math.ceil(cols / self.block[1]) * count
+        if fp32:
+            part.fp32_params += numel
+
+
+def _layer(counter: Counter, cfg: DeepseekV3Config, scope: str, moe: bool, experts: int, count: int):
+    """`count` identical decoder layers (HF tensors)."""
+    H, heads = cfg.hidden_size, cfg.num_attention_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    add = counter.add
+    add(scope, "norms", (H,), 2 * count)  # input_layernorm, post_attention_layernorm
+    if cfg.q_lora_rank is None:
+        add(scope, "attention", (heads * qk, H), count, quantized=True)               # q_proj
+    else:
+        add(scope, "attention", (cfg.q_lora_rank, H), count, quantized=True)          # q_a_proj
+        add(scope, "attention", (cfg.q_lora_rank,), count)                            # q_a_layernorm
+        add(scope, "attention", (heads * qk, cfg.q_lora_rank), count, quantized=True)  # q_b_proj
+    add(scope, "attention", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, H), count, quantized=True)
+    add(scope, "attention", (cfg.kv_lora_rank,), count)                               # kv_a_layernorm
+    add(scope, "attention", (heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+        count, quantized=True)                                                        # kv_b_proj
+    add(scope, "attention", (H, heads * cfg.v_head_dim), count, quantized=True)       # o_proj
+    if not moe:
+        I = cfg.intermediate_size
+        add(scope, "dense_mlp", (I, H), 2 * count, quantized=True)  # gate_proj, up_proj
+        add(scope, "dense_mlp", (H, I), count, quantized=True)      # down_proj
+        return
+    F = cfg.moe_intermediate_size
+    add(scope, "router", (experts, H), count)                     # gate.weight (bf16, never FP8)
+    add(scope, "router", (experts,), count, fp32=True)            # e_score_correction_bias
+    add(scope, "routed_experts", (F, H), 2 * experts * count, quantized=True)
+    add(scope, "routed_experts", (H, F), experts * count, quantized=True)
+    if cfg.n_shared_experts:
+        S = F * cfg.n_shared_experts
+        add(scope, "shared_experts", (S, H), 2 * count, quantized=True)
+        add(scope, "shared_experts", (H, S), count, quantized=True)
+
+
+def count_parts(cfg: DeepseekV3Config, experts: int | None = None, block=None) -> list[Part]:
+    """Every tensor of the checkpoint (HF layout), grouped by (scope, category). `experts`
+    replaces n_routed_experts (a pruned model); `block` the FP8 block (default: the config's, or
+    128 x 128 for a bf16 checkpoint)."""
+    E = cfg.n_routed_experts if experts is None else experts
+    counter = Counter(tuple(block or cfg.weight_block_size or DEFAULT_BLOCK))
+    V, H = cfg.vocab_size, cfg.hidden_size
+    counter.add("main", "embedding", (V, H))
+    dense = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i))
+    _layer(counter, cfg, "main", False, E, dense)
+    _layer(counter, cfg, "main", True, E, cfg.num_hidden_layers - dense)
+    counter.add("main", "final_norm", (H,))
+    if not cfg.tie_word_embeddings:
+        counter.add("main", "lm_head", (V, H))
+    n_mtp = cfg.num_nextn_predict_layers
+    if n_mtp:
+        _layer(counter, cfg, "mtp", True, E, n_mtp)
+        counter.add("mtp", "mtp_extra", (H,), 3 * n_mtp)       # enorm, hnorm, shared_head.norm
+        counter.add("mtp", "mtp_extra", (H, 2 * H), n_mtp)     # eh_proj (bf16)
+        counter.add("mtp", "mtp_extra", (V, H), 2 * n_mtp)     # embed_tokens, shared_head.head copies
+    return list(counter.parts.values())
+
+
+@dataclasses.dataclass
+class ModelSize:
+    parts: list[Part]
+    cfg: DeepseekV3Config
+    experts: int
+
+    def select(self, scope=None, categories=None, exclude=()):
+        return [p for p in self.parts if (scope is None or p.scope == scope)
+                and (categories is None or p.category in categories) and p.category not in exclude]
+
+    def params(self, **kw) -> int:
+        return sum(p.params for p in self.select(**kw))
+
+    def bytes(self, dtype: str, **kw) -> int:
+        return sum(p.bytes(dtype) for p in self.select(**kw))
+
+    @property
+    def total_params(self) -> int:
+        """Main model (what "671B" counts for DeepSeek-V3); MTP is `mtp_params`."""
+        return self.params(scope="main")
+
+    @property
+    def mtp_params(self) -> int:
+        return self.params(scope="mtp")
+
+    @property
+    def activated_params(self) -> int:
+        """Parameters one token's forward multiplies through in the main model: everything but
+        the embedding table (a row lookup) and the routed experts, plus num_experts_per_tok routed
+        experts per MoE layer. DeepSeek-V3: 36.6 B ("37B activated"); 37.6 B if the embedding
+        table is counted too (`embedding_params`)."""
+        routed = self.params(scope="main", categories={"routed_experts"})
+        per_token = routed * self.cfg.num_experts_per_tok // self.experts
+        return self.total_params - self.embedding_params - routed + per_token
+
+    @property
+    def embedding_params(self) -> int:
+        return self.params(scope="main", categories={"embedding"})
+
+
+def model_size(cfg: DeepseekV3Config, experts: int | None = None, block=None) -> ModelSize:
+    E = cfg.n_routed_experts if experts is None else experts
+    return ModelSize(count_parts(cfg, E, block), cfg, E)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations and workspace (per rank, scoring one sequence)
+# ------------------------------------------------------------------------------------------------
+
+def scoring_activation_bytes(cfg: DeepseekV3Config, *, tokens: int, expert_parallel: int,
+                             dtype_bytes: int = 2, experts: int | None = None) -> dict[str, int]:
+    """Peak transient memory of one scoring forward on one rank (batch 1, `tokens` long, no
+    gradients), itemised. Assumes a fused attention kernel (no tokens x tokens score matrix) and
+    up to 2x routing imbalance on the rank's experts."""
+    E = cfg.n_routed_experts if experts is None else experts
+    H, heads, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts_per_tok
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    F, I = cfg.moe_intermediate_size, cfg.intermediate_size
+    return {
+        # output_layer logits [tokens, vocab] plus one same-size temporary
+        "logits": 2 * tokens * cfg.vocab_size * dtype_bytes,
+        # q, k (nope+rope), v, kv_up output and the attention output for one layer
+        "attention": tokens * heads * (3 * qk + 3 * cfg.v_head_dim) * dtype_bytes,
+        # routed rows: permuted input, all-to-all buffers, expert output, un-permute (4 x [rows, H])
+        # and the expert's fc1 output + activation (2 x [rows, 2F]); rows = 2 x tokens x top_k
+        "moe_dispatch": 2 * tokens * k * (4 * H + 4 * F) * dtype_bytes,
+        "dense_mlp": tokens * 3 * I * dtype_bytes,
+        # residual stream, norms, MoE output: ~8 [tokens, H]
+        "hidden_states": 8 * tokens * H * dtype_bytes,
+        # the scorer's all-gather over the EP group: [EP x tokens, E + 2] float64, twice
+        "scorer_gather": 2 * expert_parallel * tokens * (E + 2) * 8,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) scoring layouts
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ScoringLayout:
+    ep: int
+    pp: int
+    gpus: int
+    nodes: int
+    gpus_per_node: int
+    weights_bytes: int
+    activation_bytes: int
+    overhead_bytes: int
+    supported: bool
+
+    @property
+    def per_rank_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes + self.overhead_bytes
+
+
+def _node_shape(gpus: int, gpus_per_node: int) -> tuple[int, int] | None:
+    """(nodes, gpus used per node) for `gpus` ranks with the same count on every node."""
+    if gpus <= gpus_per_node:
+        return 1, gpus
+    if gpus % gpus_per_node == 0:
+        return gpus // gpus_per_node, gpus_per_node
+    return None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def scoring_layouts(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_bytes: int,
+                    dtype: str = "bf16", tokens: int = 4096, overhead_bytes: int = 3 * GIB,
+                    max_pp: int = 8) -> list[ScoringLayout]:
+    """Every EP (divisor of n_routed_experts) x PP (1, 2, 4, ... max_pp) layout with DP = 1 that
+    fits the main model for scoring, smallest GPU count first. PP stages get an equal share of the
+    decoder layers; the first stage also holds the embedding, the last the final norm + lm_head."""
+    size = model_size(cfg)
+    dtype_bytes = {"bf16": 2, "fp8": 2, "fp32": 4}[dtype]  # FP8 GEMMs still take bf16 activations
+    replicated = size.bytes(dtype, scope="main", exclude={"routed_experts", "embedding", "lm_head",
+                                                          "final_norm"})
+    experts = size.bytes(dtype, scope="main", categories={"routed_experts"})
+    ends = size.bytes(dtype, scope="main", categories={"embedding", "lm_head", "final_norm"})
+    first = size.bytes(dtype, scope="main", categories={"embedding"})
+    layouts = []
+    pp = 1
+    while pp <= max(1, max_pp):
+        if pp <= cfg.num_hidden_layers:
+            for ep in _divisors(cfg.n_routed_experts):
+                shape = _node_shape(ep * pp, gpus_per_node)
+                if shape is None:
+                    continue
+                stage_fraction = math.ceil(cfg.num_hidden_layers / pp) / cfg.num_hidden_layers
+                layer_bytes = (replicated + experts / ep) * stage_fraction
+                ends_bytes = ends if pp == 1 else max(first, ends - first)
+                activations = sum(scoring_activation_bytes(
+                    cfg, tokens=tokens, expert_parallel=ep, dtype_bytes=dtype_bytes).values())
+                layout = ScoringLayout(ep, pp, ep * pp, shape[0], shape[1],
+                                       int(layer_bytes + ends_bytes), activations, overhead_bytes,
+                                       supported=pp == 1)
+                if layout.per_rank_bytes <= gpu_memory_bytes:
+                    layouts.append(layout)
+        pp *= 2
+    layouts.sort(key=lambda l: (l.gpus, l.pp))
+    return layouts
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) serving the pruned model
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ServeAssumptions:
+    """The serving layout assumed (vLLM / SGLang style): routed experts expert-parallel over all N
+    GPUs (M % N == 0); everything else tensor-parallel within a node (TP = GPUs used per node, which
+    must divide num_attention_heads) and replicated on every node; FP8 weights as the checkpoint
+    stores them (MTP layer included when the config has one); an MLA KV cache of `kv_tokens`
+    tokens per GPU (replicated across TP ranks, as vLLM does for MLA); `memory_utilization` of
+    each GPU usable (vLLM's gpu_memory_utilization default) minus `overhead_bytes`."""
+
+    kv_tokens: int = 65536
+    kv_bytes_per_value: int = 2  # bf16 KV cache
+    memory_utilization: float = 0.90
+    overhead_bytes: int = 2 * GIB
+
+
+@dataclasses.dataclass
+class ServeLayout:
+    kept: int
+    gpus: int
+    nodes: int
+    tp: int
+    ep: int
+    weights_bytes: int
+    kv_bytes: int
+    overhead_bytes: int
+    total_weight_bytes: int
+
+    @property
+    def per_gpu_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.overhead_bytes
+
+
+def kv_bytes_per_token(cfg: DeepseekV3Config, bytes_per_value: int = 2) -> int:
+    """MLA caches the compressed latent and the rope key: (kv_lora_rank + qk_rope_head_dim) per
+    layer per token."""
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bytes_per_value
+
+
+def smallest_serving_layout(cfg: DeepseekV3Config, kept: int, *, gpus_per_node: int,
+                            gpu_memory_bytes: int, assumptions: ServeAssumptions = ServeAssumptions(),
+                            max_nodes: int = 64) -> ServeLayout | None:
+    size = model_size(cfg, kept)
+    experts = size.bytes("fp8", categories={"routed_experts"})
+    rest = size.bytes("fp8") - experts
+    kv = kv_bytes_per_token(cfg, assumptions.kv_bytes_per_value) * assumptions.kv_tokens
+    usable = assumptions.memory_utilization * gpu_memory_bytes
+    heads = cfg.num_attention_heads
+    candidates = [(1, tp) for tp in range(1, gpus_per_node + 1)]
+    candidates += [(nodes, gpus_per_node) for nodes in range(2, max_nodes + 1)]
+    for nodes, tp in candidates:  # increasing GPU count
+        gpus = nodes * tp
+        if heads % tp or kept % gpus:
+            continue
+        layout = ServeLayout(kept, gpus, nodes, tp, gpus, int(rest / tp + experts / gpus), kv,
+                             assumptions.overhead_bytes, size.bytes("fp8"))
+        if layout.per_gpu_bytes <= usable:
+            return layout
+    return None
+
+
+def default_keeps(n_experts: int) -> list[int]:
+    """E, 3/4 E, 1/2 E, 3/8 E, 1/4 E, 1/8 E (256 -> 256, 192, 128, 96, 64, 32), whole numbers only."""
+    out = []
+    for num, den in ((1, 1), (3, 4), (1, 2), (3, 8), (1, 4), (1, 8)):
+        if (n_experts * num) % den == 0 and n_experts * num // den > 0:
+            out.append(n_experts * num // den)
+    return list(dict.fromkeys(out))
+
+
+def routing_problems(cfg: DeepseekV3Config, kept: int) -> list[str]:
+    """Why a pruned expert count breaks group-limited routing (empty when it does not)."""
+    problems = []
+    if kept > cfg.n_routed_experts or kept < 1:
+        return [f"M={kept} is not between 1 and n_routed_experts={cfg.n_routed_experts}"]
+    if kept < cfg.num_experts_per_tok:
+        problems.append(f"M={kept} < num_experts_per_tok={cfg.num_experts_per_tok}")
+    if cfg.n_group > 1:
+        if kept % cfg.n_group:
+            problems.append(f"M={kept} is not divisible by n_group={cfg.n_group}")
+        elif kept // cfg.n_group < 2:
+            problems.append(f"M/n_group={kept // cfg.n_group} < 2 experts per group")
+        elif cfg.num_experts_per_tok > cfg.topk_group * (kept // cfg.n_group):
+            problems.append(f"num_experts_per_tok={cfg.num_experts_per_tok} > topk_group x M/n_group")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+CATEGORY_ORDER = ("embedding", "attention", "norms", "dense_mlp", "shared_experts", "router",
+                  "routed_experts", "final_norm", "lm_head", "mtp_extra")
+
+
+def _gib(n) -> str:
+    if n >= GIB / 10 or n == 0:
+        return f"{n / GIB:,.1f} GiB"
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def _b(n) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e8 else f"{n:,}"
+
+
+def build_report(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_gib: float,
+                 keeps: list[int] | None = None, dtype: str = "bf16", tokens: int = 4096,
+                 overhead_gib: float = 3.0, serve: ServeAssumptions = ServeAssumptions()) -> dict:
+    """Everything the plan command prints, as data."""
+    memory = int(gpu_memory_gib * GIB)
+    size = model_size(cfg)
+    parts = {f"{p.scope}/{p.category}": {"params": p.params, "bf16_bytes": p.bytes("bf16"),
+                                         "fp8_bytes": p.bytes("fp8")} for p in size.parts}
+    layouts = scoring_layouts(cfg, gpus_per_node=gpus_per_node, gpu_memory_bytes=memory,
+                              dtype=dtype, tokens=tokens, overhead_bytes=int(overhead_gib * GIB))
+    supported = [l for l in layouts if l.supported]
+    best_pp = min((l for l in layouts if not l.supported), key=lambda l: l.gpus, default=None)
+    keeps = keeps or default_keeps(cfg.n_routed_experts)
+    serving = []
+    for kept in keeps:
+        layout = smallest_serving_layout(cfg, kept, gpus_per_node=gpus_per_node,
+                                         gpu_memory_bytes=memory, assumptions=serve)
+        pruned = model_size(cfg, kept)
+        serving.append({"kept": kept, "layout": layout, "params": pruned.total_params + pruned.mtp_params,
+                        "activated": pruned.activated_params, "fp8_bytes": pruned.bytes("fp8"),
+                        "routing_problems": routing_problems(cfg, kept)})
+    return {"cfg": cfg, "size": size, "parts": parts, "dtype": dtype, "tokens": tokens,
+            "gpus_per_node": gpus_per_node, "gpu_memory_gib": gpu_memory_gib,
+            "overhead_gib": overhead_gib, "scoring": supported, "scoring_pp": best_pp,
+            "activations": scoring_activation_bytes(
+                cfg, tokens=tokens, expert_parallel=supported[0].ep if supported else 1,
+                dtype_bytes=4 if dtype == "fp32" else 2),
+            "serving": serving, "serve": serve}
+
+
+def format_report(report: dict) -> str:
+    cfg, size = report["cfg"], report["size"]
+    dtype = report["dtype"]
+    lines = []
+    w = lines.append
+    w(f"Model: {cfg.source}")
+    w(f"  {cfg.num_hidden_layers} layers ({cfg.first_k_dense_replace} dense, "
+      f"{len(cfg.moe_layer_ids)} MoE) + {cfg.num_nextn_predict_layers} MTP; "
+      f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), "
+      f"{cfg.n_shared_experts} shared; hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    w(f"  parameters: {_b(size.total_params)} main model, {_b(size.activated_params)} activated "
+      f"per token; MTP {_b(size.mtp_params)}")
+    w("")
+    w(f"{'component':<28}{'params':>16}{'bf16':>14}{'fp8 (ckpt)':>14}")
+    for scope in ("main", "mtp"):
+        for cat in CATEGORY_ORDER:
+            part = next((p for p in size.parts if p.scope == scope and p.category == cat), None)
+            if part is None:
+                continue
+            w(f"{scope + '/' + cat:<28}{part.params:>16,}{_gib(part.bytes('bf16')):>14}"
+              f"{_gib(part.bytes('fp8')):>14}")
+    w(f"{'total (main + mtp)':<28}{size.params():>16,}{_gib(size.bytes('bf16')):>14}"
+      f"{_gib(size.bytes('fp8')):>14}")
+    w("")
+    w(f"(a) Scoring the full model with megatron-easyep ({dtype} weights in memory, "
+      f"{report['gpus_per_node']} x {report['gpu_memory_gib']:g} GiB per node)")
+    w("    megatron-easyep runs TP=1, PP=1, EP = any divisor of n_routed_experts that divides the "
+      "world size; ranks beyond EP are data-parallel replicas (faster, same memory).")
+    w("    Every rank holds embedding, lm_head, attention, dense MLPs, shared experts and routers "
+      "whole, plus n_routed_experts/EP experts per MoE layer; the MTP layer is not built.")
+    act = report["activations"]
+    w(f"    activation/workspace margin per rank (one {report['tokens']}-token sequence): "
+      + ", ".join(f"{k} {_gib(v)}" for k, v in act.items())
+      + f"; + {report['overhead_gib']:g} GiB fixed (CUDA context, NCCL, allocator)")
+    w("    (assumes a fused attention kernel; the unfused SDPA math path would add "
+      f"{_gib(report['tokens'] ** 2 * cfg.num_attention_heads * 4)} of attention scores)")
+    if report["scoring"]:
+        w(f"    {'EP':>5}{'GPUs':>6}{'nodes':>7}{'weights/rank':>15}{'act+ws':>12}{'total/rank':>13}")
+        for l in report["scoring"][:4]:
+            w(f"    {l.ep:>5}{l.gpus:>6}{l.nodes:>7}{_gib(l.weights_bytes):>15}"
+              f"{_gib(l.activation_bytes + l.overhead_bytes):>12}{_gib(l.per_rank_bytes):>13}")
+        best = report["scoring"][0]
+        w(f"    -> smallest: EP={best.ep} on {best.gpus} GPUs ({best.nodes} node(s) x "
+          f"{best.gpus_per_node}): torchrun ... --expert-parallel {best.ep}")
+    else:
+        w("    -> the full model does not fit with PP=1 on any EP that divides "
+          f"{cfg.n_routed_experts} on this node shape.")
+    pp = report["scoring_pp"]
+    if pp is not None and (not report["scoring"] or pp.gpus < report["scoring"][0].gpus):
+        w(f"    with pipeline parallelism (NOT supported yet): EP={pp.ep} x PP={pp.pp} on {pp.gpus} "
+          f"GPUs, {_gib(pp.per_rank_bytes)} per rank")
+        w("    " + PP_NOTE)
+    w("")
+    serve = report["serve"]
+    w(f"(b) Serving the pruned model with FP8 weights ({report['gpus_per_node']} x "
+      f"{report['gpu_memory_gib']:g} GiB per node)")
+    w(f"    assumed: experts EP over all N GPUs (M % N == 0), the rest TP within a node and "
+      f"replicated across nodes; KV cache {serve.kv_tokens} tokens/GPU "
+      f"({_gib(kv_bytes_per_token(cfg, serve.kv_bytes_per_value) * serve.kv_tokens)}); "
+      f"{serve.memory_utilization:.0%} of GPU memory usable, {_gib(serve.overhead_bytes)} overhead")
+    w(f"    {'M':>5}{'params':>12}{'activated':>12}{'fp8 size':>13}{'GPUs':>6}{'nodes':>7}"
+      f"{'TP':>4}{'EP':>5}{'per GPU':>12}")
+    for row in report["serving"]:
+        l = row["layout"]
+        head = (f"    {row['kept']:>5}{_b(row['params']):>12}{_b(row['activated']):>12}"
+                f"{_gib(row['fp8_bytes']):>13}")
+        if l is None:
+            w(head + "   does not fit on up to 64 nodes of this shape")
+        else:
+            w(head + f"{l.gpus:>6}{l.nodes:>7}{l.tp:>4}{l.ep:>5}{_gib(l.per_gpu_bytes):>12}")
+        for problem in row["routing_problems"]:
+            w(f"          ! M={row['kept']}: {problem} (see the exporter's --group-policy)")
+    return "\n".join(lines)
+
+
+def report_as_json(report: dict) -> dict:
+    def layout(l):
+        return None if l is None else {k: v for k, v in dataclasses.asdict(l).items()}
+
+    size = report["size"]
+    return {
+        "total_params": size.total_params, "activated_params": size.activated_params,
+        "mtp_params": size.mtp_params, "parts": report["parts"],
+        "scoring": [dict(layout(l), per_rank_bytes=l.per_rank_bytes) for l in report["scoring"]],
+        "scoring_pp": layout(report["scoring_pp"]),
+        "activation_bytes": report["activations"],
+        "serving": [{"kept": r["kept"], "params": r["params"], "activated": r["activated"],
+                     "fp8_bytes": r["fp8_bytes"], "routing_problems": r["routing_problems"],
+                     "layout": layout(r["layout"])} for r in report["serving"]],
+    }

@@ -1,0 +1,282 @@
+"""Memory planning (megatron_easyep.plan, converters/plan.py): counts against DeepSeek-V3's published
+sizes and against the tensors of generated checkpoints (exact), the layout arithmetic, the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from megatron_easyep import plan
+from megatron_easyep.hf_checkpoint import DeepseekV3Config
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+# DeepSeek-V3's config.json, as shared/reference/deepseek-checkpoint.md lists it.
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "first_k_dense_replace": 3, "moe_layer_freq": 1, "n_routed_experts": 256, "n_shared_experts": 1,
+    "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True,
+    "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                            "weight_block_size": [128, 128]},
+}
+
+
+@pytest.fixture(scope="module")
+def v3_config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dsv3") / "config.json"
+    path.write_text(json.dumps(DEEPSEEK_V3))
+    return path
+
+
+@pytest.fixture(scope="module")
+def v3(v3_config_file) -> DeepseekV3Config:
+    return DeepseekV3Config.load(v3_config_file.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. DeepSeek-V3: 671B total, 37B activated
+# --------------------------------------------------------------------------------------------
+
+# By hand, from the shapes (H=7168, 128 heads, q_lora 1536, kv_lora 512, nope 128, rope 64, v 128):
+ATTENTION = (1536 * 7168 + 1536 + 128 * 192 * 1536      # q_a_proj, q_a_layernorm, q_b_proj
+             + 576 * 7168 + 512 + 128 * 256 * 512        # kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
+             + 7168 * 128 * 128)                         # o_proj
+EXPERT = 3 * 7168 * 2048                                 # gate, up, down
+LAYER_NORMS = 2 * 7168
+EMBEDDING = 129280 * 7168
+V3_TOTAL = (61 * (ATTENTION + LAYER_NORMS) + 3 * 3 * 7168 * 18432
+            + 58 * (256 * EXPERT + EXPERT + 256 * 7168 + 256)  # routed, shared, router + bias
+            + 2 * EMBEDDING + 7168)                            # embedding, lm_head, final norm
+V3_ACTIVATED = V3_TOTAL - EMBEDDING - 58 * 248 * EXPERT        # 8 of 256 routed experts per token
+V3_MTP = ATTENTION + LAYER_NORMS + 257 * EXPERT + 256 * 7168 + 256 + 3 * 7168 + 7168 * 14336 + 2 * EMBEDDING
+
+
+def test_deepseek_v3_parameter_counts(v3):
+    size = plan.model_size(v3)
+    assert size.total_params == V3_TOTAL
+    assert abs(size.total_params - 671e9) / 671e9 < 0.01
+    assert size.activated_params == V3_ACTIVATED
+    assert abs(size.activated_params - 37e9) / 37e9 < 0.015  # 36.63 B
+    assert size.embedding_params == EMBEDDING
+    assert size.mtp_params == V3_MTP
+    # the HF card's 685B = 671B main + 14B MTP
+    assert abs(size.total_params + size.mtp_params - 685e9) / 685e9 < 0.01
+    routed = size.params(categories={"routed_experts"}, scope="main")
+    assert routed == 58 * 256 * EXPERT
+
+
+def test_deepseek_v3_fp8_bytes_match_the_published_checkpoint_size(v3):
+    size = plan.model_size(v3)
+    # R1/V3 on the hub: ~641 GiB (688.6 GB) of safetensors, scales included
+    assert abs(size.bytes("fp8") / GIB - 641) < 1.5
+    # a quantised 2048x7168 expert weight: 2048*7168 bytes + 16*56 float32 scales
+    experts = size.select(scope="main", categories={"routed_experts"})[0]
+    assert experts.scale_elements == 58 * 256 * (2 * 16 * 56 + 56 * 16)
+    assert experts.bytes("fp8") == 58 * 256 * EXPERT + 4 * experts.scale_elements
+    assert experts.bytes("bf16") == 2 * 58 * 256 * EXPERT
+
+
+def test_pruned_counts_scale_only_the_routed_experts_and_router(v3):
+    full, half = plan.model_size(v3), plan.model_size(v3, 128)
+    assert full.total_params - half.total_params == 58 * 128 * (EXPERT + 7168 + 1)
+    assert full.mtp_params - half.mtp_params == 128 * (EXPERT + 7168 + 1)
+    assert half.activated_params == V3_ACTIVATED - 58 * 128 * (7168 + 1)  # only the router shrinks
+
+
+# --------------------------------------------------------------------------------------------
+# 2. exact against generated checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _category(name: str, num_layers: int) -> tuple[str, str]:
+    m = re.match(r"model\.layers\.(\d+)\.(.+)$", name)
+    if not m:
+        return "main", {"model.embed_tokens.weight": "embedding", "model.norm.weight": "final_norm",
+                        "lm_head.weight": "lm_head"}[name]
+    scope = "mtp" if int(m.group(1)) >= num_layers else "main"
+    rest = m.group(2)
+    for pattern, category in ((r"self_attn\.", "attention"),
+                              (r"(input|post_attention)_layernorm\.", "norms"),
+                              (r"mlp\.gate\.", "router"), (r"mlp\.experts\.", "routed_experts"),
+                              (r"mlp\.shared_experts\.", "shared_experts"),
+                              (r"mlp\.(gate|up|down)_proj\.", "dense_mlp"),
+                              (r"(enorm|hnorm|eh_proj|shared_head|embed_tokens)", "mtp_extra")):
+        if re.match(pattern, rest):
+            return scope, category
+    raise AssertionError(f"uncategorised tensor {name}")
+
+
+def _checkpoint_totals(ckpt: Path) -> dict:
+    """{(scope, category): [params, bytes]} from the safetensors files (scales count as bytes)."""
+    num_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
+    totals: dict = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                base = name.removesuffix("_scale_inv")
+                entry = totals.setdefault(_category(base, num_layers), [0, 0])
+                if not name.endswith("_scale_inv"):
+                    entry[0] += t.numel()
+                entry[1] += t.numel() * t.element_size()
+    return totals
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(fp8=True, weight_block_size=[24, 16]),
+    dict(fp8=True, num_nextn_predict_layers=1, q_lora_rank=None, n_shared_experts=2),
+    dict(num_nextn_predict_layers=1, tie_word_embeddings=False, n_shared_experts=0),
+], ids=["tiny-bf16", "tiny-fp8-24x16", "tiny-fp8-mtp-noqlora", "tiny-bf16-mtp-noshared"])
+def test_counts_equal_the_tensors_of_a_generated_checkpoint(tiny_checkpoint_factory, variant):
+    ckpt = tiny_checkpoint_factory(**variant)
+    cfg = DeepseekV3Config.load(ckpt)
+    size = plan.model_size(cfg)
+    dtype = "fp8" if variant.get("fp8") else "bf16"
+    from_files = _checkpoint_totals(ckpt)
+    from_plan = {(p.scope, p.category): [p.params, p.bytes(dtype)] for p in size.parts}
+    assert from_plan == from_files
+    index = ckpt / "model.safetensors.index.json"
+    assert size.bytes(dtype) == json.loads(index.read_text())["metadata"]["total_size"]
+    assert size.params() == sum(v[0] for v in from_files.values())
+
+
+# --------------------------------------------------------------------------------------------
+# 3. layouts
+# --------------------------------------------------------------------------------------------
+
+def test_scoring_layout_for_deepseek_v3_on_80gib_gpus(v3):
+    size = plan.model_size(v3)
+    layouts = plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
+    supported = [l for l in layouts if l.supported]
+    best = supported[0]
+    assert (best.ep, best.pp, best.gpus, best.nodes) == (64, 1, 64, 8)
+    # weights per rank: everything but the routed experts, plus 1/64 of them, in bf16
+    replicated = 2 * (V3_TOTAL - 58 * 256 * EXPERT - 58 * 256) + 4 * 58 * 256
+    assert best.weights_bytes == int(replicated + 2 * 58 * 256 * EXPERT / 64)
+    assert best.weights_bytes == int(size.bytes("bf16", scope="main", exclude={"routed_experts"})
+                                     + size.bytes("bf16", categories={"routed_experts"}, scope="main") / 64)
+    assert best.activation_bytes == sum(plan.scoring_activation_bytes(
+        v3, tokens=4096, expert_parallel=64).values())
+    assert best.per_rank_bytes <= 80 * GIB
+    # EP=32 misses: 34.2 GB replicated + 40.9 GB of experts + margin > 80 GiB
+    assert all(l.ep != 32 for l in supported)
+    # with PP it could be fewer GPUs (reported, not supported)
+    assert min(l.gpus for l in layouts if not l.supported) < 64
+
+
+def test_scoring_layout_on_141gib_gpus_and_fp8_weights(v3):
+    best = [l for l in plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=141 * GIB)
+            if l.supported][0]
+    assert (best.ep, best.gpus, best.nodes) == (16, 16, 2)
+    best_fp8 = [l for l in plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=80 * GIB,
+                                                dtype="fp8") if l.supported][0]
+    assert best_fp8.ep == 16
+
+
+def test_serving_layouts_for_deepseek_v3(v3):
+    full = plan.smallest_serving_layout(v3, 256, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
+    assert (full.gpus, full.nodes, full.tp, full.ep) == (16, 2, 8, 16)  # 2 x 8 H800, as deployed
+    h200 = plan.smallest_serving_layout(v3, 256, gpus_per_node=8, gpu_memory_bytes=141 * GIB)
+    assert (h200.gpus, h200.nodes) == (8, 1)                           # one 8 x H200 node
+    half = plan.smallest_serving_layout(v3, 128, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
+    assert (half.gpus, half.nodes) == (8, 1)
+    size = plan.model_size(v3, 128)
+    experts = size.bytes("fp8", categories={"routed_experts"})
+    assert half.weights_bytes == int((size.bytes("fp8") - experts) / 8 + experts / 8)
+    assert half.kv_bytes == 61 * 576 * 2 * 65536
+    assert half.per_gpu_bytes <= 0.9 * 80 * GIB
+    # a layout is only ever one where EP divides M: M=96 cannot use 64 GPUs, etc.
+    for kept in plan.default_keeps(256):
+        layout = plan.smallest_serving_layout(v3, kept, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
+        assert kept % layout.ep == 0 and 128 % layout.tp == 0
+    assert plan.smallest_serving_layout(v3, 256, gpus_per_node=8, gpu_memory_bytes=1 * GIB) is None
+
+
+def test_default_keeps_and_routing_problems(v3):
+    assert plan.default_keeps(256) == [256, 192, 128, 96, 64, 32]
+    assert plan.default_keeps(16) == [16, 12, 8, 6, 4, 2]
+    assert plan.routing_problems(v3, 96) == []
+    assert plan.routing_problems(v3, 100) == ["M=100 is not divisible by n_group=8"]
+    assert plan.routing_problems(v3, 8) == ["M/n_group=1 < 2 experts per group"]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. the command
+# --------------------------------------------------------------------------------------------
+
+def _plan(*args):
+    """The command as users run it (a subprocess)."""
+    return subprocess.run([sys.executable, str(REPO / "converters" / "plan.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _plan_main():
+    """converters/plan.py's main(), loaded from its file, for the fast in-process cases."""
+    spec = importlib.util.spec_from_file_location("plan_cli", REPO / "converters" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_plan_command(v3_config_file, tmp_path):
+    out_json = tmp_path / "plan.json"
+    proc = _plan("--config", str(v3_config_file), "--gpus-per-node", "8", "--gpu-memory-gib", "80",
+                 "--keep", "256", "128", "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "671.03 B main model" in text and "36.63 B activated" in text
+    assert "-> smallest: EP=64 on 64 GPUs (8 node(s) x 8)" in text
+    assert "NOT supported yet" in text and "TP=1, PP=1" in text
+    assert re.search(r"^\s+256\s.*\s16\s+2\s+8\s+16\s", text, re.M), text
+    assert re.search(r"^\s+128\s.*\s8\s+1\s+8\s+8\s", text, re.M), text
+    data = json.loads(out_json.read_text())
+    assert data["total_params"] == V3_TOTAL
+    assert [r["layout"]["gpus"] for r in data["serving"]] == [16, 8]
+
+
+def test_plan_command_from_a_checkpoint_dir(tiny_ckpt, capsys):
+    assert _plan_main()(["--hf-checkpoint", str(tiny_ckpt), "--gpus-per-node", "2",
+                         "--gpu-memory-gib", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "-> smallest: EP=1 on 1 GPUs" in out
+    assert re.search(r"^\s+16\s", out, re.M)  # default keeps start at E = 16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keep", "300"], "--keep 300: must be between 1 and n_routed_experts 256"),
+    (["--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
+    (["--gpu-memory-gib", "-1"], "--gpu-memory-gib must be > 0"),
+])
+def test_plan_command_rejects_bad_input(v3_config_file, args, message, capsys):
+    base = ["--config", str(v3_config_file), "--gpus-per-node", "8", "--gpu-memory-gib", "80"]
+    assert _plan_main()([*base, *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_plan_command_missing_or_bad_config(tmp_path, capsys):
+    main = _plan_main()
+    assert main(["--config", str(tmp_path / "nope.json"), "--gpus-per-node", "8",
+                 "--gpu-memory-gib", "80"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({**DEEPSEEK_V3, "n_group": 3}))
+    assert main(["--config", str(bad), "--gpus-per-node", "8", "--gpu-memory-gib", "80"]) == 2
+    assert "n_group" in capsys.readouterr().err
