@@ -102,6 +102,13 @@ def apply_cpu_bridges() -> None:
 
     mappings._AllToAll.forward = staticmethod(forward_with_list_splits)
 
+    # megatron/core/jit.py wraps small fusions (e.g. TopKRouter._apply_expert_bias) in
+    # torch.compile; on CPU Inductor builds them with the C++ compiler on first use and on every
+    # new shape (~10 s per process). Eager gives the same ops, so run them eagerly.
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
 
 def seed_model_parallel_rng(seed: int) -> None:
     """tensor_parallel.model_parallel_cuda_manual_seed, which needs CUDA unless the inference
