@@ -105,9 +105,9 @@ def apply_cpu_bridges() -> None:
     # megatron/core/jit.py wraps small fusions (e.g. TopKRouter._apply_expert_bias) in
     # torch.compile; on CPU Inductor builds them with the C++ compiler on first use and on every
     # new shape (~10 s per process). Eager gives the same ops, so run them eagerly.
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
-    torch._dynamo.config.disable = True
+    dynamo.config.disable = True
 
 
 def seed_model_parallel_rng(seed: int) -> None:
