@@ -31,6 +31,6 @@ def run_main(main) -> None:
 
     try:
         main()
-    except (CheckpointError, DemoError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, DemoError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
