@@ -214,3 +214,41 @@ def test_group_masking_differs_with_negative_choices():
     hf = _hf_style_route(choice, 2, 4, 1)
     assert set(ours[0].tolist()) == {2, 3}  # only the best group
     assert not _same_sets(ours, hf)
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    ("missing_shard", "model-00002-of-00003.safetensors"),
+    ("unsupported_architecture", "LlamaForCausalLM"),
+    ("scale_removed", "_scale_inv"),
+])
+def test_evaluate_cli_refuses_bad_checkpoints(tiny_checkpoint_factory, demos_file, tmp_path,
+                                              breakage, expected):
+    """The entry point turns a broken checkpoint into one clear line and exit 2."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoint_factory(fp8=True) if breakage == "scale_removed" else tiny_checkpoint_factory()
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    if breakage == "missing_shard":
+        (ckpt / "model-00002-of-00003.safetensors").unlink()
+    elif breakage == "unsupported_architecture":
+        config = json.loads((ckpt / "config.json").read_text())
+        config["architectures"] = ["LlamaForCausalLM"]
+        (ckpt / "config.json").write_text(json.dumps(config))
+    else:  # an FP8 weight whose scale_inv is gone from its shard and from the index
+        index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+        name = next(n for n in index["weight_map"] if n.endswith("o_proj.weight_scale_inv"))
+        shard = ckpt / index["weight_map"].pop(name)
+        tensors = load_file(str(shard))
+        del tensors[name]
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--hf-checkpoint",
+                           str(ckpt), "--demos", str(demos_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert error and expected in error[-1], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
