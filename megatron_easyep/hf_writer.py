@@ -41,10 +41,10 @@ from megatron_easyep.hf_checkpoint import CheckpointError, DeepseekV3Config, sca
 from megatron_easyep.tiny_checkpoint import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
-    _move_into_place,
-    _split_units,
-    _tokenizer_config,
-    _write_json,
+    move_into_place,
+    split_units_into_shards,
+    tokenizer_config,
+    write_json,
     checkpoint_units,
 )
 
@@ -176,7 +176,7 @@ def write_hf_checkpoint(source, config: dict, out_dir, *, dtype: str = "bfloat16
     if missing:
         raise HFWriteError(f"no value for HF tensor(s) {missing[:3]}")
     unit_bytes = [sum(tensors[s.name].numel() for s in unit) for unit in units]
-    groups = _split_units(unit_bytes, num_shards)
+    groups = split_units_into_shards(unit_bytes, num_shards)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -197,17 +197,17 @@ def write_hf_checkpoint(source, config: dict, out_dir, *, dtype: str = "bfloat16
                 weight_map[name] = shard
                 total_size += tensor.numel() * tensor.element_size()
         if num_shards > 1:
-            _write_json(tmp_dir / "model.safetensors.index.json",
+            write_json(tmp_dir / "model.safetensors.index.json",
                         {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
-        _write_json(tmp_dir / "config.json", config)
-        _write_json(tmp_dir / "generation_config.json",
+        write_json(tmp_dir / "config.json", config)
+        write_json(tmp_dir / "generation_config.json",
                     {"_from_model_config": True, "bos_token_id": config["bos_token_id"],
                      "eos_token_id": config["eos_token_id"], "do_sample": True, "temperature": 0.6,
                      "top_p": 0.95})
         if tokenizer_json is not None:
             (tmp_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-            _write_json(tmp_dir / "tokenizer_config.json", _tokenizer_config(cfg.max_position_embeddings))
-        _move_into_place(tmp_dir, out_dir)
+            write_json(tmp_dir / "tokenizer_config.json", tokenizer_config(cfg.max_position_embeddings))
+        move_into_place(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -226,7 +226,7 @@ def save_megatron_state(model, config: dict, out_dir, *, tokenizer_json: str | N
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
              if isinstance(v, torch.Tensor) and not k.endswith(mapping.IGNORED_SUFFIXES)}
     torch.save(state, out_dir / MEGATRON_STATE_FILE)
-    _write_json(out_dir / "config.json", config)
+    write_json(out_dir / "config.json", config)
     if tokenizer_json is not None:
         (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     return out_dir

@@ -338,7 +338,7 @@ def _stored_bytes(spec: TensorSpec, block_size) -> int:
     return numel + math.prod(scale_shape(spec.shape, block_size)) * 4
 
 
-def _split_units(unit_bytes: list[int], num_shards: int) -> list[range]:
+def split_units_into_shards(unit_bytes: list[int], num_shards: int) -> list[range]:
     """Contiguous, non-empty groups of units with roughly equal bytes."""
     n = len(unit_bytes)
     if not 1 <= num_shards <= n:
@@ -417,7 +417,7 @@ def tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def _tokenizer_config(model_max_length: int) -> dict[str, Any]:
+def tokenizer_config(model_max_length: int) -> dict[str, Any]:
     return {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -436,7 +436,7 @@ def _tokenizer_config(model_max_length: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_json(path: pathlib.Path, data) -> None:
+def write_json(path: pathlib.Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -465,7 +465,7 @@ def make_tiny_checkpoint(
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
 
     units = checkpoint_units(config)
-    groups = _split_units([sum(_stored_bytes(s, block_size) for s in unit) for unit in units], num_shards)
+    groups = split_units_into_shards([sum(_stored_bytes(s, block_size) for s in unit) for unit in units], num_shards)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -490,10 +490,10 @@ def make_tiny_checkpoint(
             del shard_tensors  # at most one shard in memory
         if num_shards > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_json(tmp_dir / "model.safetensors.index.json", index)
+            write_json(tmp_dir / "model.safetensors.index.json", index)
 
-        _write_json(tmp_dir / "config.json", config_dict)
-        _write_json(
+        write_json(tmp_dir / "config.json", config_dict)
+        write_json(
             tmp_dir / "generation_config.json",
             {
                 "_from_model_config": True,
@@ -505,15 +505,15 @@ def make_tiny_checkpoint(
             },
         )
         (tmp_dir / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
-        _write_json(tmp_dir / "tokenizer_config.json", _tokenizer_config(config.max_position_embeddings))
-        _move_into_place(tmp_dir, out_dir)
+        write_json(tmp_dir / "tokenizer_config.json", tokenizer_config(config.max_position_embeddings))
+        move_into_place(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
 
 
-def _move_into_place(tmp_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
+def move_into_place(tmp_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
     if not out_dir.exists():
         tmp_dir.rename(out_dir)
         return

@@ -49,7 +49,7 @@ import torch
 from megatron_easyep import corpus as corpus_lib
 from megatron_easyep import hf_writer, megatron_patches
 from megatron_easyep.hf_checkpoint import DeepseekV3Config
-from megatron_easyep.tiny_checkpoint import _move_into_place, build_config
+from megatron_easyep.tiny_checkpoint import move_into_place, build_config
 
 # Model (config.json overrides of tiny_checkpoint's "tiny" preset) and training defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -601,7 +601,7 @@ def _run_training(tc: TrainConfig) -> dict:
                         "megatron": "megatron", "demos": "demos", "corpus_manifest": "corpus_manifest.json"},
         }
         (tmp_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        _move_into_place(tmp_dir, out_dir)
+        move_into_place(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
