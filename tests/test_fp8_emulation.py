@@ -285,3 +285,38 @@ def test_round_trip_of_a_weight_block_at_every_scale():
         assert torch.equal(fe.fake_quantize_weight(once, (32, 16)), once), exponent
         # half the largest step (32 in [256, 448]) relative to the block amax (448)
         assert 0 < (once - w).abs().max() <= 16 / 448 * w.abs().max() * 1.0001
+
+
+def test_score_cli_fp8_flag(tiny_checkpoint_factory, tmp_path):
+    """--fp8 through launch/score.py: `emulated` leaves an FP8 checkpoint's weights exactly as
+    stored, moves the scores a little (activations are quantised), and is recorded; `te` without
+    Transformer Engine is one clear error and exit 2."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from megatron_easyep.demo_data import write_demo_files
+
+    repo = Path(__file__).resolve().parent.parent
+    ckpt = tiny_checkpoint_factory(fp8=True, weight_block_size=[32, 32])
+    demos = write_demo_files(tmp_path / "demos", per_domain=3, heldout=1)
+    outputs = {}
+    for mode in ("none", "emulated", "te"):
+        out = tmp_path / f"scores_{mode}"
+        proc = subprocess.run([sys.executable, str(repo / "launch" / "score.py"), "--hf-checkpoint",
+                               str(ckpt), "--demos", f"{demos['math']}:math", "--output", str(out),
+                               "--fp8", mode], capture_output=True, text=True, timeout=600)
+        outputs[mode] = (proc, out)
+    for mode in ("none", "emulated"):
+        assert outputs[mode][0].returncode == 0, outputs[mode][0].stderr[-3000:]
+    te_proc, te_out = outputs["te"]
+    assert te_proc.returncode == 2 and "--fp8 te" in te_proc.stderr and not te_out.exists()
+    info = json.loads((outputs["emulated"][1] / "scores.json").read_text())
+    assert info["fp8"]["mode"] == "emulated" and info["fp8"]["weight_elements_changed"] == 0
+    plain = load_file(str(outputs["none"][1] / "scores.safetensors"))["easyep"]
+    emulated = load_file(str(outputs["emulated"][1] / "scores.safetensors"))["easyep"]
+    rel = ((plain - emulated).abs().max() / plain.abs().max()).item()
+    assert 0 < rel < 0.5, rel
