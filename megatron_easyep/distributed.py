@@ -44,15 +44,16 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234) -> Layout:
 
     megatron_patches.apply_all()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend=backend)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM launcher
+            dist.init_process_group(backend=backend)
+        else:
+            # A plain process is a world of one. Not through os.environ: child processes (tests,
+            # launchers) would inherit a MASTER_PORT this process is still listening on.
+            dist.init_process_group(backend=backend, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
     world = dist.get_world_size()
     if expert_parallel < 1 or world % expert_parallel:
         raise ValueError(f"--expert-parallel {expert_parallel} must divide the world size {world}")
