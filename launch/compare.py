@@ -52,7 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on CPU, the checkpoint's dtype on GPU")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --output: pruned models already evaluated "
+                             "with the same checkpoint and held-out text are not evaluated again")
     args = parser.parse_args(argv)
     if args.rerender is None:
         missing = [flag for flag in ("hf_checkpoint", "demos", "heldout", "output", "keep")
@@ -75,7 +78,8 @@ def main(argv=None):
         keeps=args.keep, criteria=args.criteria, random_seeds=args.random_seeds, seed=args.seed,
         max_length=args.max_length, heldout_per_domain=args.heldout_per_domain,
         demo_counts=args.demo_counts, overlap_keep=args.overlap_keep,
-        batch_size=args.batch_size, dtype=args.dtype, threads=args.threads, overwrite=args.overwrite))
+        batch_size=args.batch_size, dtype=args.dtype, threads=args.threads, overwrite=args.overwrite,
+        resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ Conventions
 
 Outputs in DIR: results.csv (one row per pruned model x held-out domain), table.md, selections.json,
 overlap_demos.csv, overlap_domains.csv, summary.json, the plots quality_vs_m.png,
-score_heatmaps.png, overlap_demos.png, overlap_domains.png, and scores/ (the scoring run).
+score_heatmaps.png, overlap_demos.png, overlap_domains.png, scores/ (the scoring run) and
+evaluations/ (one JSON per evaluated pruned model, keyed by selection_id and a fingerprint of the
+checkpoint and held-out inputs: `resume=True` continues a killed run without evaluating those
+again). `rerender(DIR)` rewrites table.md and the plots from these files alone.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -81,6 +85,7 @@ OVERLAP_METRICS = KNOWN_METRICS
 DEMOS_OVERLAP_FIELDS = ("metric", "domain", "demos", "keep", "group_policy", "layer", "overlap")
 DOMAINS_OVERLAP_FIELDS = ("metric", "domain_a", "domain_b", "keep", "group_policy", "layer", "jaccard")
 SUMMARY_FORMAT = "megatron-easyep-compare/1"
+EVALUATIONS = "evaluations"  # one JSON per evaluated selection (for --resume)
 PLOTS = ("quality_vs_m.png", "score_heatmaps.png", "overlap_demos.png", "overlap_domains.png")
 
 
@@ -106,6 +111,7 @@ class CompareRun:
     dtype: str | None = None
     threads: int | None = None
     overwrite: bool = False
+    resume: bool = False  # reuse OUTPUT/evaluations/ of an interrupted run with the same inputs
 
 
 def _log(message: str) -> None:
@@ -373,14 +379,24 @@ def run_compare(run: CompareRun) -> Path:
     config = DeepseekV3Config.load(run.hf_checkpoint)
     _validate(run, config)
     output = Path(run.output).resolve()
-    if output.exists() and not run.overwrite:
-        raise CompareError(f"output directory {output} exists; pass --overwrite to replace it")
+    if run.resume and run.overwrite:
+        raise CompareError("--resume and --overwrite exclude each other")
+    if run.resume and not (output / EVALUATIONS).is_dir():
+        raise CompareError(f"--resume: {output / EVALUATIONS} does not exist (nothing to resume)")
+    if output.exists() and not (run.overwrite or run.resume):
+        raise CompareError(f"output directory {output} exists; pass --overwrite to replace it "
+                           "(or --resume to continue an interrupted run)")
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
     dtype = _resolve_dtype(run.dtype, config)
     heldout = load_heldout(run, config)  # validates the files before any compute
-    output.mkdir(parents=True, exist_ok=True)
+    if run.overwrite:
+        shutil.rmtree(output / EVALUATIONS, ignore_errors=True)
+    for stale in output.glob(".compare-*"):  # temporary exports of a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    (output / EVALUATIONS).mkdir(parents=True, exist_ok=True)
+    fingerprint = _evaluation_fingerprint(run, config)
     distributed.init_parallel(1, seed=run.seed)
     want_features = CPRUNE in run.criteria
 
@@ -422,12 +438,18 @@ def run_compare(run: CompareRun) -> Path:
             selections[f"{req.criterion}|{req.seed}|{req.selection_domain}|{req.keep}"] = {
                 **asdict(req), "selection_id": sid,
                 "kept": {str(k): list(v) for k, v in sel.kept.items()}}
+            note = ""
             if sid not in evaluated:
-                dst = Path(tmp) / sid
-                export_pruned(run.hf_checkpoint, dst, sel, mtp="drop", overwrite=True)
-                evaluated[sid] = evaluate_checkpoint(dst, heldout, refs, dtype, run.batch_size)
-                shutil.rmtree(dst, ignore_errors=True)
-                note = ""
+                stored = _load_evaluation(output, sid, fingerprint) if run.resume else None
+                if stored is not None:
+                    evaluated[sid] = stored
+                    note = " (from the interrupted run)"
+                else:
+                    dst = Path(tmp) / sid
+                    export_pruned(run.hf_checkpoint, dst, sel, mtp="drop", overwrite=True)
+                    evaluated[sid] = evaluate_checkpoint(dst, heldout, refs, dtype, run.batch_size)
+                    shutil.rmtree(dst, ignore_errors=True)
+                    _store_evaluation(output, sid, fingerprint, evaluated[sid])
             else:
                 note = " (same selection as an earlier one: reused)"
             result = evaluated[sid]
@@ -472,6 +494,43 @@ def run_compare(run: CompareRun) -> Path:
     (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _log(f"wrote {output} ({len(evaluated)} pruned models, {timings['total_s']:.0f} s)")
     return output
+
+
+def _evaluation_fingerprint(run: CompareRun, config) -> str:
+    """What a stored evaluation depends on besides the selection: checkpoint, held-out text and
+    how it is read, numerics."""
+    from megatron_easyep import demos as demos_lib
+
+    files = [{"spec": spec, "sha256": demos_lib.file_sha256(demos_lib.DemoFile.parse(spec).path)}
+             for spec in run.heldout]
+    key = {"config_hash": config.config_hash, "heldout": files, "heldout_per_domain": run.heldout_per_domain,
+           "max_length": run.max_length, "dtype": run.dtype, "batch_size": run.batch_size,
+           "weights": _weights_digest(run.hf_checkpoint)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _weights_digest(ckpt_dir) -> list:
+    """Names, sizes and modification times of the weight files (cheap; a retrained checkpoint
+    with the same config differs here)."""
+    return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in Path(ckpt_dir).glob("*.safetensors"))
+
+
+def _load_evaluation(output: Path, sid: str, fingerprint: str) -> dict | None:
+    path = output / EVALUATIONS / f"{sid}.json"
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # torn write of a killed run: evaluate again
+    return stored["result"] if stored.get("fingerprint") == fingerprint else None
+
+
+def _store_evaluation(output: Path, sid: str, fingerprint: str, result: dict) -> None:
+    path = output / EVALUATIONS / f"{sid}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def write_reports(output: Path, summary: dict, rows, scores, config, demos_overlap, domains_overlap) -> None:
