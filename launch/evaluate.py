@@ -1,9 +1,11 @@
 """Teacher-forced evaluation of the Megatron model: torchrun --nproc-per-node N launch/evaluate.py
 --hf-checkpoint DIR --demos FILE.jsonl [--demos ...] [--expert-parallel N]
 [--dispatcher allgather|alltoall] [--dtype float32|bfloat16] [--dump-logits FILE]
+[--json FILE] [--baseline FILE]
 
 Prints per-domain mean NLL and perplexity; --dump-logits writes fp32 logits, one tensor demo_{i}
-[T, vocab] per demonstration in input order (safetensors).
+[T, vocab] per demonstration in input order (safetensors). --json saves the table; --baseline
+(an earlier --json, e.g. of the full model) adds its perplexity and the change per domain.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--dump-logits", metavar="FILE")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--json", dest="json_out", metavar="FILE", help="write the per-domain results here")
+    parser.add_argument("--baseline", metavar="FILE",
+                        help="an earlier --json (e.g. the full model): print its ppl and the change")
     args = parser.parse_args(argv)
 
     from megatron_easyep.evaluation import EvalRun, run_evaluation

@@ -1,9 +1,12 @@
 """Teacher-forced evaluation of the Megatron model over demonstrations: per-domain NLL and
 perplexity, and optionally every demo's fp32 logits (the parity tests compare these with
-transformers)."""
+transformers). `json_out` keeps the table; `baseline` (an earlier `json_out`, e.g. of the full
+model) adds its perplexity and the relative change per domain, which is how the demo shows a
+pruned model holding its own domain."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -27,6 +30,12 @@ class EvalRun:
     max_length: int | None = None
     dump_logits: str | None = None
     seed: int = 1234
+    json_out: str | None = None  # write {"checkpoint", "demos", "results"} here (rank 0, atomic)
+    baseline: str | None = None  # an earlier json_out to print the change against
+
+
+class EvalError(ValueError):
+    pass
 
 
 def run_evaluation(run: EvalRun) -> dict:
@@ -37,6 +46,7 @@ def run_evaluation(run: EvalRun) -> dict:
     from megatron_easyep.scoring import _resolve_dtype
 
     cfg = DeepseekV3Config.load(run.hf_checkpoint)
+    baseline = _load_baseline(run.baseline) if run.baseline else None  # fail before any compute
     demo_list = demos_lib.load_demos(run.demos, run.hf_checkpoint, vocab_size=cfg.vocab_size,
                                      max_length=run.max_length)
     domains = list(dict.fromkeys(d.domain for d in demo_list))
@@ -76,11 +86,48 @@ def run_evaluation(run: EvalRun) -> dict:
     if run.dump_logits:
         _write_logits(Path(run.dump_logits), my_logits, layout)
     if layout.rank == 0:
-        print(f"{'domain':<20} {'tokens':>8} {'nll':>10} {'ppl':>12}")
-        for domain, r in results.items():
-            print(f"{domain:<20} {r['tokens']:>8} {r['nll']:>10.4f} {r['ppl']:>12.3f}")
-        sys.stdout.flush()
+        _print_table(results, baseline)
+        if run.json_out:
+            record = {"format": EVAL_FORMAT, "checkpoint": str(Path(run.hf_checkpoint).resolve()),
+                      "demos": list(run.demos), "dtype": str(_resolve_dtype(run.dtype, cfg)),
+                      "max_length": run.max_length, "results": results}
+            path = Path(run.json_out)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(tmp, path)
     return results
+
+
+EVAL_FORMAT = "megatron-easyep-eval/1"
+
+
+def _load_baseline(path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvalError(f"--baseline {path}: cannot read it as JSON ({e})") from e
+    if not isinstance(record, dict) or record.get("format") != EVAL_FORMAT:
+        raise EvalError(f"--baseline {path}: not an evaluation written by --json (format {EVAL_FORMAT})")
+    return record["results"]
+
+
+def _print_table(results: dict, baseline: dict | None) -> None:
+    header = f"{'domain':<20} {'tokens':>8} {'nll':>10} {'ppl':>12}"
+    if baseline is not None:
+        header += f" {'baseline ppl':>13} {'change':>8}"
+    print(header)
+    for domain, r in results.items():
+        line = f"{domain:<20} {r['tokens']:>8} {r['nll']:>10.4f} {r['ppl']:>12.3f}"
+        if baseline is not None:
+            base = baseline.get(domain)
+            if base is None:
+                line += f" {'-':>13} {'-':>8}"
+            else:
+                line += f" {base['ppl']:>13.3f} {100 * (r['ppl'] / base['ppl'] - 1):>+7.1f}%"
+                if base["tokens"] != r["tokens"]:
+                    line += f"  (baseline has {base['tokens']} tokens: different text)"
+        print(line)
+    sys.stdout.flush()
 
 
 def _write_logits(path: Path, mine: dict, layout) -> None:

@@ -13,6 +13,7 @@ Where the two routers agree, and why the fixtures stay there:
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -138,7 +139,8 @@ def test_evaluate_cli_reports_perplexity(parity_checkpoints, demos_file, tmp_pat
     cmd = TORCHRUN + ["--nproc-per-node=2", "--standalone", str(REPO / "launch" / "evaluate.py"),
                       "--hf-checkpoint", str(parity_checkpoints["groups"]),
                       "--demos", f"{demos_file}:ids", "--expert-parallel", "2",
-                      "--dispatcher", "allgather", "--dump-logits", str(logits_file)]
+                      "--dispatcher", "allgather", "--dump-logits", str(logits_file),
+                      "--json", str(tmp_path / "eval.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ids"))
@@ -153,6 +155,42 @@ def test_evaluate_cli_reports_perplexity(parity_checkpoints, demos_file, tmp_pat
     assert int(row[1]) == count
     assert float(row[2]) == pytest.approx(nll / count, rel=1e-4)
     assert logits_file.exists()
+    saved = json.loads((tmp_path / "eval.json").read_text())["results"]["ids"]
+    assert saved["tokens"] == count
+    assert saved["nll"] == pytest.approx(nll / count, rel=1e-4)
+    assert saved["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_evaluate_baseline_column(parity_checkpoints, demos_file, tmp_path):
+    """--baseline prints the baseline's ppl and the relative change: a hand-made baseline at
+    twice the true perplexity gives -50.0%; a domain missing from it gives '-'; an unreadable
+    baseline exits 2 before loading the model."""
+    ckpt = parity_checkpoints["groups"]
+    model = load_transformers_model(ckpt, torch.float32)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in DEMOS:
+            logits = model(torch.tensor([ids])).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]),
+                                                     reduction="sum").item()
+            count += len(ids) - 1
+    ppl = math.exp(nll / count)
+    baseline = tmp_path / "base.json"
+    baseline.write_text(json.dumps({"format": "megatron-easyep-eval/1",
+                                    "results": {"ids": {"tokens": count, "nll": 0, "ppl": 2 * ppl}}}))
+    cmd = [sys.executable, str(REPO / "launch" / "evaluate.py"), "--hf-checkpoint", str(ckpt),
+           "--demos", f"{demos_file}:ids", "--demos", f"{demos_file}:other", "--baseline", str(baseline)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()}
+    assert float(rows["ids"][4]) == pytest.approx(2 * ppl, rel=1e-3)
+    assert rows["ids"][5] == "-50.0%"
+    assert rows["other"][4:] == ["-", "-"]
+
+    baseline.write_text("{not json")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--baseline" in proc.stderr and str(baseline) in proc.stderr and "Traceback" not in proc.stderr
 
 
 # --- the group rule, on small synthetic routers ------------------------------------------------
