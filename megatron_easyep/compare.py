@@ -429,7 +429,7 @@ def run_compare(run: CompareRun) -> Path:
 
     # 3. every pruned model
     requests = build_requests(run, domains, config)
-    selections, rows, evaluated = {}, [], {}
+    selections, rows, evaluated, resumed = {}, [], {}, 0
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".compare-exports-", dir=output) as tmp:
         for i, req in enumerate(requests, 1):
@@ -443,6 +443,7 @@ def run_compare(run: CompareRun) -> Path:
                 stored = _load_evaluation(output, sid, fingerprint) if run.resume else None
                 if stored is not None:
                     evaluated[sid] = stored
+                    resumed += 1
                     note = " (from the interrupted run)"
                 else:
                     dst = Path(tmp) / sid
@@ -463,7 +464,8 @@ def run_compare(run: CompareRun) -> Path:
                 f"{d} KL {r['kl']:.4f} top1 {r['top1']:.3f} ppl {r['ppl']:.2f}" for d, r in result.items())
                 + f"{note}  [{len(evaluated)} models, {elapsed:.0f} s]")
     timings["pruned_models_s"] = time.perf_counter() - t0
-    timings["pruned_models_evaluated"] = len(evaluated)
+    timings["pruned_models"] = len(evaluated)
+    timings["pruned_models_from_interrupted_run"] = resumed  # their time is not in pruned_models_s
 
     # 4. overlap analyses
     t0 = time.perf_counter()
