@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (CPU demo, 2 torchrun ranks) and `make test`.
+# Two commands on a fresh machine: `make demo` (CPU demo on a small trained MoE, 2 torchrun ranks) and `make test`.
 # Python 3.12 is required by megatron-core 0.19 (see pyproject.toml).
 PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
