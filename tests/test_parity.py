@@ -132,6 +132,19 @@ def test_each_ep_rank_reads_only_its_experts(megatron_runs, parity_checkpoints):
     assert sorted(all_expert_reads) == sorted(expert_names)
 
 
+def _transformers_mean_nll(ckpt) -> tuple[float, int]:
+    """Mean next-token NLL of DEMOS under stock transformers (fp32), and the token count."""
+    model = load_transformers_model(ckpt, torch.float32)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in DEMOS:
+            logits = model(torch.tensor([ids])).logits[0]
+            total += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]),
+                                                       reduction="sum").item()
+            count += len(ids) - 1
+    return total / count, count
+
+
 def test_evaluate_cli_reports_perplexity(parity_checkpoints, demos_file, tmp_path):
     """The documented entry point itself (2 ranks, EP=2, allgather): NLL equals the one computed
     from transformers' logits."""
@@ -144,21 +157,14 @@ def test_evaluate_cli_reports_perplexity(parity_checkpoints, demos_file, tmp_pat
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("ids"))
-    model = load_transformers_model(parity_checkpoints["groups"], torch.float32)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for ids in DEMOS:
-            logits = model(torch.tensor([ids])).logits[0]
-            nll += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]),
-                                                     reduction="sum").item()
-            count += len(ids) - 1
+    nll, count = _transformers_mean_nll(parity_checkpoints["groups"])
     assert int(row[1]) == count
-    assert float(row[2]) == pytest.approx(nll / count, rel=1e-4)
+    assert float(row[2]) == pytest.approx(nll, rel=1e-4)
     assert logits_file.exists()
     saved = json.loads((tmp_path / "eval.json").read_text())["results"]["ids"]
     assert saved["tokens"] == count
-    assert saved["nll"] == pytest.approx(nll / count, rel=1e-4)
-    assert saved["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert saved["nll"] == pytest.approx(nll, rel=1e-4)
+    assert saved["ppl"] == pytest.approx(math.exp(nll), rel=1e-4)
 
 
 def test_evaluate_baseline_column(parity_checkpoints, demos_file, tmp_path):
@@ -166,15 +172,8 @@ def test_evaluate_baseline_column(parity_checkpoints, demos_file, tmp_path):
     twice the true perplexity gives -50.0%; a domain missing from it gives '-'; an unreadable
     baseline exits 2 before loading the model."""
     ckpt = parity_checkpoints["groups"]
-    model = load_transformers_model(ckpt, torch.float32)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for ids in DEMOS:
-            logits = model(torch.tensor([ids])).logits[0]
-            nll += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]),
-                                                     reduction="sum").item()
-            count += len(ids) - 1
-    ppl = math.exp(nll / count)
+    nll, count = _transformers_mean_nll(ckpt)
+    ppl = math.exp(nll)
     baseline = tmp_path / "base.json"
     baseline.write_text(json.dumps({"format": "megatron-easyep-eval/1",
                                     "results": {"ids": {"tokens": count, "nll": 0, "ppl": 2 * ppl}}}))
