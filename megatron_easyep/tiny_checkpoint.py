@@ -175,6 +175,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Overrides that are not config.json keys: the FP8 block size goes into quantization_config.
 EXTRA_OVERRIDE_KEYS = ("weight_block_size",)
+# Keys transformers' DeepseekV3Config reads that DeepSeek's own config.json leaves out (so
+# they take their defaults); written to config.json only when given.
+OPTIONAL_CONFIG_KEYS = ("rope_interleave",)
 
 
 def build_config(preset: str = "tiny", *, fp8: bool = False, **overrides) -> dict[str, Any]:
@@ -183,7 +186,7 @@ def build_config(preset: str = "tiny", *, fp8: bool = False, **overrides) -> dic
         raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
     config = copy.deepcopy(DEEPSEEK_V3_CONFIG)
     config.update(copy.deepcopy(PRESETS[preset]))
-    known = set(config) | set(EXTRA_OVERRIDE_KEYS)
+    known = set(config) | set(EXTRA_OVERRIDE_KEYS) | set(OPTIONAL_CONFIG_KEYS)
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(

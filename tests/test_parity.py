@@ -35,12 +35,14 @@ CHECKPOINTS = {
     # n_group 4 / topk_group 2 / top-4, q_lora_rank set, yarn rope, bf16
     "groups": dict(),
     # FP8 with non-square 32x16 blocks (many partial blocks), q_lora_rank null, no groups,
-    # MTP layer present (ignored by the forward), two dense layers
+    # MTP layer present (ignored by the forward), two dense layers, half-split rope
+    # (rope_interleave false: the loader permutes q_proj / kv_a rope rows)
     "fp8_flat": dict(fp8=True, weight_block_size=[32, 16], q_lora_rank=None, n_group=1,
                      topk_group=1, num_nextn_predict_layers=1, first_k_dense_replace=2,
-                     num_hidden_layers=4),
-    # top_k / topk_group = 4: only DeepSeek's top-2 group score matches transformers
-    "group_top1": dict(n_group=4, topk_group=1, num_experts_per_tok=4),
+                     num_hidden_layers=4, rope_interleave=False),
+    # top_k / topk_group = 4: only DeepSeek's top-2 group score matches transformers;
+    # half-split rope through q_b_proj
+    "group_top1": dict(n_group=4, topk_group=1, num_experts_per_tok=4, rope_interleave=False),
 }
 
 DEMOS = [[3, 17, 92, 45, 201, 7, 66, 311, 12, 5, 480, 33],
