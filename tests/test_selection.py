@@ -248,3 +248,54 @@ def test_many_random_rows_match_python_oracle(tmp_path):
         for row, layer in zip(rows, LAYERS):
             assert list(grouped.kept[layer]) == expected_equal_per_group(row, keep)
             assert list(collapsed.kept[layer]) == expected_collapse(row, keep)
+
+
+def test_score_diff_bench_known_changes(tiny_ckpt, tmp_path):
+    """bench/score_diff.py on constructed score pairs: a uniform 1% scale moves every score by
+    exactly 1% and no selection; reversing the order of gate@code in every layer swaps exactly
+    M experts per layer for M <= E/2 and E - M above it (both group policies), on code."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = DeepseekV3Config.load(tiny_ckpt)
+    assert (config.n_routed_experts, config.n_group) == (16, 4)
+    layers = config.moe_layer_ids
+    gen = torch.Generator().manual_seed(0)
+    metrics = ("easyep", "easyep_no_token", "easyep_no_norm", "gate", "frequency")
+    a = {f"{m}@{d}": torch.rand(len(layers), E, generator=gen, dtype=torch.float64) + 0.1
+         for m in metrics for d in ("code", "math")}
+    a.update({m: a[f"{m}@code"] + a[f"{m}@math"] for m in metrics})
+    scaled = {k: v * 1.01 for k, v in a.items()}
+    reversed_gate = dict(a)
+    row = a["gate@code"]
+    reversed_gate["gate@code"] = row.max(1, keepdim=True).values + row.min(1, keepdim=True).values - row
+    for name, scores in (("a", a), ("scaled", scaled), ("reversed", reversed_gate)):
+        write_score_file(tmp_path / name, scores, layers, config.config_hash, ["code", "math"])
+
+    def run(b):
+        proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "score_diff.py"),
+                               "--hf-checkpoint", str(tiny_ckpt), str(tmp_path / "a"), str(tmp_path / b),
+                               "--keep", "4", "6", "8", "12"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[2:]}
+
+    for metric, (rel, same, swapped) in run("scaled").items():
+        assert float(rel) == pytest.approx(0.01, abs=1e-4), metric
+        assert (same, swapped) == ("12/12", "0"), metric
+
+    table = run("reversed")
+    expected_rel = ((row - reversed_gate["gate@code"]).abs().max() / row.abs().max()).item()
+    assert float(table["gate"][0]) == pytest.approx(expected_rel, abs=1e-4)
+    same, total = map(int, table["gate"][1].split("/"))
+    assert total == 12 and 4 <= same <= 8  # math identical, code all moved, mixed may move
+    per_layer_on_code = 4 + 6 + 8 + (16 - 12)
+    assert int(table["gate"][2]) >= per_layer_on_code * len(layers)
+    for metric in ("easyep", "easyep_no_token", "easyep_no_norm", "frequency"):
+        assert table[metric] == ["0.0000", "12/12", "0"], metric
+
+    write_score_file(tmp_path / "other", a, layers, "f" * 64, ["code", "math"])
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "score_diff.py"),
+                           "--hf-checkpoint", str(tiny_ckpt), str(tmp_path / "a"), str(tmp_path / "other")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "another checkpoint" in proc.stderr
