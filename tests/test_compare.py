@@ -264,4 +264,8 @@ def test_bad_requests_fail_before_any_output(tiny_checkpoint_factory, tmp_path):
         run = CompareRun(**base, keeps=keeps, **({"criteria": criteria} if criteria else {}))
         with pytest.raises(CompareError, match=match):
             run_compare(run)
+    with pytest.raises(CompareError, match="nothing to resume"):
+        run_compare(CompareRun(**base, keeps=[8], resume=True))
+    with pytest.raises(CompareError, match="exclude each other"):
+        run_compare(CompareRun(**base, keeps=[8], resume=True, overwrite=True))
     assert not (tmp_path / "out").exists()
