@@ -31,8 +31,17 @@ Conventions
   (recorded in every row). C-Prune under equal-per-group keeps each routing group's best M/n_group
   experts by its vote ranking (cprune.exportable_layout), so the group rule can override the
   clustering inside a group.
-- C-Prune: layer-wise step only (one batch of all the selection domain's demos, K = max(2, M//2)
-  clusters, megatron_easyep.cprune); features of the selection domain's demonstrations only.
+- C-Prune (`cprune`): layer-wise step only (one batch of all the selection domain's demos,
+  K = max(2, M//2) clusters, megatron_easyep.cprune); features of the selection domain's
+  demonstrations only.
+- C-Prune with the global step (`cprune_global`): the layer-wise step keeps ceil(1.5 M) experts
+  per layer (rounded up to a routable count), then the global step re-clusters those survivors of
+  all layers together and keeps M x layers of them, at least the smallest routable count per layer
+  (converters/cprune_select.py --global-keep-ratio). Same group policy as every criterion at that
+  M; under equal-per-group the per-layer counts are rounded to multiples of n_group keeping their
+  sum (largest remainder first; `group_rounded_counts`). The uneven counts are exported as
+  `disable` slots, so the AVERAGE enabled count per layer is exactly M (the checkpoint stores the
+  largest layer's count as slots; selections.json has the kept and disabled ids).
 - Random: seeds seed, seed+1, ..., seed+random_seeds-1 (selection.select_experts' generator).
 - Held-out: the first `heldout_per_domain` sequences of each domain in file order (all if None).
 - The MTP layer (if any) is dropped from the pruned checkpoints: evaluation does not use it.
@@ -75,7 +84,9 @@ from megatron_easyep.selection import (
 )
 
 CPRUNE = "cprune"
-CRITERIA = (*KNOWN_METRICS, RANDOM_METRIC, CPRUNE)
+CPRUNE_GLOBAL = "cprune_global"
+CRITERIA = (*KNOWN_METRICS, RANDOM_METRIC, CPRUNE, CPRUNE_GLOBAL)
+GLOBAL_SURVIVORS = 1.5  # cprune_global: the layer-wise step keeps ceil(1.5 M) per layer
 MIXED = "mixed"
 EQUAL, COLLAPSE = "equal-per-group", "collapse"
 CSV_FIELDS = ("criterion", "seed", "selection_domain", "keep", "n_routed_experts", "group_policy",
@@ -164,6 +175,42 @@ def cprune_selection(config, features: np.ndarray, demo_index, keep: int, group_
                                metric=CPRUNE, scores_sha256=scores_sha256)
 
 
+def group_rounded_counts(counts, multiple: int, caps) -> list[int]:
+    """Per-layer counts rounded to multiples of `multiple` with the same sum (the sum and every
+    cap must be multiples): round down, then give one `multiple` back to the layers with the
+    largest remainders (ties: the larger count, as the global step ranked it higher; then the
+    earlier layer), never above a layer's cap."""
+    counts = [int(c) for c in counts]
+    if sum(counts) % multiple or any(int(cap) % multiple for cap in caps):
+        raise CompareError(f"cannot round counts {counts} to multiples of {multiple} with caps {list(caps)}")
+    rounded = [c - c % multiple for c in counts]
+    order = sorted(range(len(counts)), key=lambda i: (-(counts[i] % multiple), -counts[i], i))
+    for i in order[:(sum(counts) - sum(rounded)) // multiple]:
+        rounded[i] += multiple  # c % multiple > 0 and c <= cap, so this stays <= cap
+    return rounded
+
+
+def cprune_global_selection(config, features: np.ndarray, demo_index, keep: int, group_policy: str,
+                            scores_sha256: str | None, layers):
+    """C-Prune with the global step at an average of `keep` enabled experts per layer (module
+    docstring), exported with `disable` slots."""
+    subset = np.asarray(features[:, :, list(demo_index), :])
+    routing = dict(n_routed_experts=config.n_routed_experts, group_policy=group_policy,
+                   n_group=config.n_group, topk_group=config.topk_group, top_k=config.num_experts_per_tok)
+    survivors = cprune.feasible_count(min(config.n_routed_experts, math.ceil(GLOBAL_SURVIVORS * keep)),
+                                      **routing)
+    layerwise = cprune.layerwise_selection(subset, survivors)
+    result = cprune.global_selection(subset, layerwise.kept, keep * len(layers),
+                                     per_layer_min=cprune.feasible_count(1, **routing))
+    counts = result.counts
+    if group_policy == EQUAL and config.n_group > 1:
+        counts = group_rounded_counts(counts, config.n_group, [survivors] * len(counts))
+    rankings = [cprune.final_ranking(r, k) for r, k in zip(layerwise.ranking, result.kept)]
+    layout = cprune.exportable_layout(rankings, counts, uneven="disable", **routing)
+    return selection_from_kept(config, dict(zip(layers, layout.kept)), dict(zip(layers, layout.disabled)),
+                               group_policy=group_policy, metric=CPRUNE_GLOBAL, scores_sha256=scores_sha256)
+
+
 def selection_id(selection) -> str:
     """Short hash of what the pruned model is: kept (and disabled) ids and routing groups."""
     key = {"kept": {str(k): list(v) for k, v in selection.kept.items()},
@@ -200,8 +247,11 @@ def build_requests(run: CompareRun, domains, config) -> list[Request]:
 
 def make_selection(req: Request, scores, config, features, ranges):
     domains = list(scores.domains) if req.selection_domain == MIXED else [req.selection_domain]
-    if req.criterion == CPRUNE:
+    if req.criterion in (CPRUNE, CPRUNE_GLOBAL):
         index = [i for d in domains for i in ranges[d]]
+        if req.criterion == CPRUNE_GLOBAL:
+            return cprune_global_selection(config, features, index, req.keep, req.group_policy,
+                                           scores.sha256, list(scores.layers))
         return cprune_selection(config, features, index, req.keep, req.group_policy, scores.sha256,
                                 list(scores.layers))
     return select_for_checkpoint(scores, config, keep=req.keep, metric=req.criterion,
@@ -398,7 +448,7 @@ def run_compare(run: CompareRun) -> Path:
     (output / EVALUATIONS).mkdir(parents=True, exist_ok=True)
     fingerprint = _evaluation_fingerprint(run, config)
     distributed.init_parallel(1, seed=run.seed)
-    want_features = CPRUNE in run.criteria
+    want_features = CPRUNE in run.criteria or CPRUNE_GLOBAL in run.criteria
 
     # 1. one scoring run with every demonstration
     _log(f"scoring {len(run.demos)} demo file(s) with all demonstrations"
@@ -437,7 +487,8 @@ def run_compare(run: CompareRun) -> Path:
             sid = selection_id(sel)
             selections[f"{req.criterion}|{req.seed}|{req.selection_domain}|{req.keep}"] = {
                 **asdict(req), "selection_id": sid,
-                "kept": {str(k): list(v) for k, v in sel.kept.items()}}
+                "kept": {str(k): list(v) for k, v in sel.kept.items()},
+                "disabled": {str(k): list(v) for k, v in (sel.disabled or {}).items()}}
             note = ""
             if sid not in evaluated:
                 stored = _load_evaluation(output, sid, fingerprint) if run.resume else None
@@ -714,7 +765,10 @@ def render_tables(rows, summary: dict, config, domains_overlap) -> str:
            f"{config.topk_group}. Calibration domains: {', '.join(domains)}; held-out: "
            + ", ".join(f"{d} ({tokens[d]} tokens)" for d in eval_domains) + ". "
            f"Random: mean ± std over {run['random_seeds']} seeds. Group policy per M: "
-           + ", ".join(f"M={k}: {policy[k]}" for k in keeps) + ".", ""]
+           + ", ".join(f"M={k}: {policy[k]}" for k in keeps) + "."
+           + (" cprune_global: C-Prune with the global cross-layer step, M = the average enabled "
+              "experts per layer (uneven counts, disabled slots)." if CPRUNE_GLOBAL in criteria else ""),
+           ""]
 
     # the README demo: prune for one domain
     demo_keeps = [k for k in keeps if k < e]
@@ -811,7 +865,7 @@ def _seedwise_mean(cells: list[list[float]]) -> list[float]:
 STYLE = {"easyep": ("tab:red", "-", "o"), "easyep_no_token": ("tab:orange", "--", "v"),
          "easyep_no_norm": ("tab:pink", "--", "^"), "gate": ("tab:blue", "-", "s"),
          "frequency": ("tab:green", "-", "D"), "random": ("gray", ":", "x"),
-         "cprune": ("tab:purple", "-.", "P")}
+         "cprune": ("tab:purple", "-.", "P"), "cprune_global": ("tab:brown", "-.", "*")}
 
 
 def write_plots(output, rows, scores, config, domains_overlap, demos_overlap, overlap_keep, policy) -> None:

@@ -22,7 +22,7 @@ DOMAINS = ["math", "code"]
 KEEPS = [8, 16]
 SEEDS = [0, 1]
 METRICS = ["easyep", "easyep_no_token", "easyep_no_norm", "gate", "frequency"]
-CRITERIA = [*METRICS, "random", "cprune"]
+CRITERIA = [*METRICS, "random", "cprune", "cprune_global"]
 FIELDS = ["criterion", "seed", "selection_domain", "keep", "n_routed_experts", "group_policy", "eval_domain",
           "tokens", "kl", "top1", "nll", "ppl", "nll_full", "ppl_full", "selection_id"]
 PLOTS = ["quality_vs_m.png", "score_heatmaps.png", "overlap_demos.png", "overlap_domains.png"]
@@ -269,3 +269,50 @@ def test_bad_requests_fail_before_any_output(tiny_checkpoint_factory, tmp_path):
     with pytest.raises(CompareError, match="exclude each other"):
         run_compare(CompareRun(**base, keeps=[8], resume=True, overwrite=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_group_rounded_counts_known_values():
+    from megatron_easyep.compare import CompareError, group_rounded_counts
+
+    assert group_rounded_counts([6, 10, 8], 4, [12, 12, 12]) == [4, 12, 8]  # tie: larger count
+    assert group_rounded_counts([10, 10, 4], 4, [12, 12, 12]) == [12, 8, 4]  # then earlier layer
+    assert group_rounded_counts([5, 11, 8], 4, [12, 12, 12]) == [4, 12, 8]
+    assert group_rounded_counts([4, 12, 8], 4, [12, 12, 12]) == [4, 12, 8]
+    with pytest.raises(CompareError, match="cannot round"):
+        group_rounded_counts([5, 10, 8], 4, [12, 12, 12])
+
+
+def test_cprune_global_gives_a_redundant_layer_fewer_experts():
+    """Known structure: layer A's 16 experts form 2 tight clusters (redundant), layer B's are
+    spread out. The global step keeps M x 2 experts in all, fewer in A than in B; the spare slots
+    of A are disabled, so every layer stores the same number of slots and the enabled experts
+    average exactly M. Under equal-per-group every enabled count is a multiple of n_group."""
+    import numpy as np
+
+    from megatron_easyep.compare import cprune_global_selection
+    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.tiny_checkpoint import build_config
+
+    config = DeepseekV3Config.from_dict(build_config("tiny"))
+    layers = config.moe_layer_ids
+    assert len(layers) == 2 and config.n_routed_experts == 16 and config.n_group == 4
+    rng = np.random.default_rng(0)
+    n, h = 6, 8
+    centres = rng.normal(size=(2, n, h)) * 10
+    redundant = np.stack([centres[e % 2] + 0.01 * rng.normal(size=(n, h)) for e in range(16)])
+    spread = rng.normal(size=(16, n, h)) * 10
+    features = np.stack([redundant, spread]).astype(np.float32)
+    # M = 8 under collapse (>= top_k = 4 per layer); M = 12 under equal-per-group (>= 2 per group)
+    for policy, keep in (("collapse", 8), ("equal-per-group", 12)):
+        sel = cprune_global_selection(config, features, range(n), keep, policy, None, layers)
+        kept = {layer: set(ids) for layer, ids in sel.kept.items()}
+        disabled = {layer: set((sel.disabled or {}).get(layer, ())) for layer in layers}
+        enabled = {layer: kept[layer] - disabled[layer] for layer in layers}
+        assert len(kept[layers[0]]) == len(kept[layers[1]])  # one n_routed_experts
+        assert sum(len(e) for e in enabled.values()) == keep * len(layers), (policy, enabled)
+        assert len(enabled[layers[0]]) < len(enabled[layers[1]]), (policy, enabled)
+        assert disabled[layers[0]] and disabled[layers[0]] <= kept[layers[0]]
+        if policy == "equal-per-group":
+            for ids in enabled.values():
+                per_group = [sum(1 for e in ids if e // 4 == g) for g in range(4)]
+                assert len(set(per_group)) == 1, (ids, per_group)
