@@ -29,25 +29,25 @@ from pathlib import Path
 
 import torch
 
-from megatron_easyep.export import kept_byte_ranges
-from megatron_easyep.hf_checkpoint import DeepseekV3Config, HFCheckpoint
-from megatron_easyep.selection import load_scores, select_for_checkpoint, write_score_file
-from megatron_easyep.tiny_checkpoint import make_tiny_checkpoint
+from megatron_easyep.pruning.export import kept_byte_ranges
+from megatron_easyep.checkpoint.reader import DeepseekV3Config, HFCheckpoint
+from megatron_easyep.pruning.selection import load_scores, select_for_checkpoint, write_score_file
+from megatron_easyep.checkpoint.tiny import make_tiny_checkpoint
 
 MIB = 1 << 20
 BUFFER = 16 * MIB
 
 EXPORT_CHILD = """
 import json, sys
-from megatron_easyep.export import export_pruned
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
-from megatron_easyep.selection import load_scores, select_for_checkpoint
+from megatron_easyep.pruning.export import export_pruned
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
+from megatron_easyep.pruning.selection import load_scores, select_for_checkpoint
 src, scores, dst, keep_ratio = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 selection = select_for_checkpoint(load_scores(scores), DeepseekV3Config.load(src), keep_ratio=keep_ratio, metric="easyep")
 report = export_pruned(src, dst, selection)
 print(json.dumps({"seconds": report.seconds, "total_size": report.total_size}))
 """
-IMPORT_ONLY_CHILD = "import megatron_easyep.export, megatron_easyep.selection"
+IMPORT_ONLY_CHILD = "import megatron_easyep.pruning.export, megatron_easyep.pruning.selection"
 # Runs argv[1:] as its child and reports that child's peak RSS. The indirection matters: when a
 # process forks and execs, Linux carries the pre-exec memory's high-water mark into the child's
 # ru_maxrss, so a child of this (large) benchmark process would report the benchmark's own RSS.

@@ -28,10 +28,10 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", type=int, nargs="+", help="M grid (default: E/4, 3E/8, E/2, 3E/4)")
     args = parser.parse_args(argv)
 
-    from megatron_easyep.compare import group_policy_for
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
-    from megatron_easyep.metrics import METRICS
-    from megatron_easyep.selection import load_scores, select_experts
+    from megatron_easyep.pruning.selection import group_policy_for
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.scoring.metrics import METRICS
+    from megatron_easyep.pruning.selection import load_scores, select_experts
 
     config = DeepseekV3Config.load(args.hf_checkpoint)
     a, b = load_scores(args.a), load_scores(args.b)

@@ -10,13 +10,13 @@ cprune_features.safetensors). Layer-wise step: every MoE layer keeps its M most-
 With --global-keep-ratio R the survivors of all layers are re-clustered together and
 round(R * M * L) of them are kept (L = scored MoE layers), between --per-layer-min (default: the
 smallest routable count) and --per-layer-cap (default M) per layer; the uneven counts are made
-exportable by --uneven (see megatron_easyep/cprune.py): `disable` (default) gives every layer M*
+exportable by --uneven (see megatron_easyep/pruning/cprune.py): `disable` (default) gives every layer M*
 slots and writes the spare slots' e_score_correction_bias as -1e4 so routing never selects them;
 `equalize` enables them. --group-policy collapse (default, recommended) routes plain biased top-k.
 
 MTP layers without features get M* experts ranked by the sum over the scored layers of their
 L1-normalised vote rows (a placeholder like export_pruned's fallback; expert ids are not aligned
-across layers), or --mtp drop. The selection goes through megatron_easyep.export (the same
+across layers), or --mtp drop. The selection goes through megatron_easyep.pruning.export (the same
 streaming exporter as every criterion); DST/cprune.json records the parameters, votes and counts.
 Any problem with the request is reported on stderr with exit code 2, before any output exists.
 """
@@ -31,11 +31,11 @@ import sys
 
 import numpy as np
 
-from megatron_easyep import cprune
-from megatron_easyep.export import MTP_ACTIONS, export_pruned
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
-from megatron_easyep.preflight import format_preflight
-from megatron_easyep.selection import (
+from megatron_easyep.pruning import cprune
+from megatron_easyep.pruning.export import MTP_ACTIONS, export_pruned
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
+from megatron_easyep.pruning.preflight import format_preflight
+from megatron_easyep.pruning.selection import (
     GROUP_POLICIES,
     SelectionError,
     load_scores,

@@ -5,7 +5,7 @@
         [--group-policy equal-per-group|collapse] [--target-ep 8] [--seed 0] \
         [--mtp prune|drop] [--overwrite]
 
-The library does the work (megatron_easyep.selection, .export, .preflight); this file only
+The library does the work (megatron_easyep.pruning.selection, .export, .preflight); this file only
 parses arguments. Any problem with the request is reported on stderr with exit code 2, before
 any output exists.
 """
@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_easyep.export import MTP_ACTIONS, export_pruned
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
-from megatron_easyep.preflight import format_preflight
-from megatron_easyep.selection import GROUP_POLICIES, load_scores, select_for_checkpoint
+from megatron_easyep.pruning.export import MTP_ACTIONS, export_pruned
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
+from megatron_easyep.pruning.preflight import format_preflight
+from megatron_easyep.pruning.selection import GROUP_POLICIES, load_scores, select_for_checkpoint
 
 USAGE_ERROR = 2
 

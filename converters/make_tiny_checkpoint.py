@@ -4,7 +4,7 @@
         [--seed 0] [--num-shards 3] [--set KEY=VALUE ...] [--overwrite]
 
 --set takes a config.json key and a JSON value, e.g. --set q_lora_rank=null --set n_group=1
---set weight_block_size=[32,16]. The library does the work (megatron_easyep.tiny_checkpoint);
+--set weight_block_size=[32,16]. The library does the work (megatron_easyep.checkpoint.tiny);
 a bad request is reported on stderr with exit code 2 and nothing is written.
 """
 
@@ -14,8 +14,8 @@ import argparse
 import json
 import sys
 
-from megatron_easyep.hf_checkpoint import CheckpointError
-from megatron_easyep.tiny_checkpoint import PRESETS, make_tiny_checkpoint
+from megatron_easyep.checkpoint.reader import CheckpointError
+from megatron_easyep.checkpoint.tiny import PRESETS, make_tiny_checkpoint
 
 USAGE_ERROR = 2
 

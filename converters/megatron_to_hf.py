@@ -3,10 +3,10 @@
     python converters/megatron_to_hf.py --megatron RUN/megatron --output DIR [--fp8]
         [--fp8-block-size ROWS COLS] [--dtype bfloat16|float32] [--num-shards N] [--overwrite]
 
---megatron is a directory written by `hf_writer.save_megatron_state` (launch/train_tiny.py writes
+--megatron is a directory written by `mcore.to_hf.save_megatron_state` (launch/train_tiny.py writes
 one as RUN/megatron): model_state.pt (the GPTModel state dict, Megatron names, expert parallel 1),
 config.json (the DeepSeek config that defines the architecture) and tokenizer.json. The weights go
-back through the same name table the loader uses (megatron_easyep/mapping.py). Runs in one
+back through the same name table the loader uses (megatron_easyep/mcore/mapping.py). Runs in one
 process (expert parallel 1). Bad input: one line on stderr, exit code 2, nothing written.
 """
 
@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
-    from megatron_easyep.distributed import init_parallel
-    from megatron_easyep.hf_checkpoint import CheckpointError
-    from megatron_easyep.hf_writer import HFWriteError, load_megatron_state, write_hf_checkpoint
+    from megatron_easyep.mcore.parallel import init_parallel
+    from megatron_easyep.checkpoint.reader import CheckpointError
+    from megatron_easyep.mcore.to_hf import HFWriteError, load_megatron_state, write_hf_checkpoint
 
     try:
         init_parallel(1)

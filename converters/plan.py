@@ -19,8 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_easyep import plan
-from megatron_easyep.hf_checkpoint import CheckpointError, DeepseekV3Config
+from megatron_easyep.mcore import plan
+from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config
 
 USAGE_ERROR = 2
 

@@ -26,8 +26,8 @@ def load_yaml_defaults(path: str | None, default: Path) -> dict:
 
 def run_main(main) -> None:
     """Call main(); expected input errors exit 2 with one line naming the problem."""
-    from megatron_easyep.demos import DemoError
-    from megatron_easyep.hf_checkpoint import CheckpointError
+    from megatron_easyep.scoring.demos import DemoError
+    from megatron_easyep.checkpoint.reader import CheckpointError
 
     try:
         main()

@@ -10,7 +10,7 @@ Scores the calibration demonstrations once (with C-Prune features), then for eve
 domain (each domain, and mixed) exports a pruned checkpoint into a temporary directory, loads it
 in Megatron and measures KL(full || pruned), top-1 agreement and perplexity on the held-out text
 of every domain. Writes results.csv, table.md, plots (PNG) and summary.json into --output; see
-megatron_easyep/compare.py for every convention. Progress goes to stderr.
+megatron_easyep/analysis/compare.py for every convention. Progress goes to stderr.
 
     python launch/compare.py --rerender DIR
 
@@ -25,7 +25,7 @@ import _cli
 
 
 def parse_args(argv=None):
-    from megatron_easyep.compare import CRITERIA
+    from megatron_easyep.analysis.compare import CRITERIA
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +67,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from megatron_easyep.compare import CompareRun, rerender, run_compare
+    from megatron_easyep.analysis.compare import CompareRun, rerender, run_compare
 
     args = parse_args(argv)
     if args.rerender is not None:

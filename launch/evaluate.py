@@ -33,7 +33,7 @@ def main(argv=None):
                         help="an earlier --json (e.g. the full model): print its ppl and the change")
     args = parser.parse_args(argv)
 
-    from megatron_easyep.evaluation import EvalRun, run_evaluation
+    from megatron_easyep.analysis.evaluation import EvalRun, run_evaluation
 
     run_evaluation(EvalRun(**vars(args)))
 

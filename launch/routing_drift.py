@@ -37,7 +37,7 @@ def main(argv=None):
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be >= 1")
 
-    from megatron_easyep.routing_drift import run_drift
+    from megatron_easyep.analysis.routing_drift import run_drift
 
     run_drift(args.hf_checkpoint, args.pruned, args.demos, expert_parallel=args.expert_parallel,
               dispatcher=args.dispatcher, output=args.output, max_length=args.max_length,

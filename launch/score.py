@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from megatron_easyep.scoring import ScoreRun, run_scoring
+    from megatron_easyep.scoring.run import ScoreRun, run_scoring
 
     values = parse_args(argv)
     known = set(ScoreRun.__dataclass_fields__)

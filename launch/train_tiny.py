@@ -5,7 +5,7 @@ and write it as DeepseekV3 HF checkpoints (BF16, optionally FP8) plus a training
     python launch/train_tiny.py --output runs/trained --minutes 8 --fp8 --overwrite
 
 Writes OUTPUT/{hf, hf-fp8, megatron, demos, corpus_manifest.json, report.json}; see
-megatron_easyep/training.py. One process, expert parallel 1; torchrun is not needed.
+megatron_easyep/training/train.py. One process, expert parallel 1; torchrun is not needed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import _cli
 
 
 def main(argv=None):
-    from megatron_easyep.training import PRESETS, TrainConfig
+    from megatron_easyep.training.train import PRESETS, TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +51,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
-    from megatron_easyep.training import run_training
+    from megatron_easyep.training.train import run_training
 
     report = run_training(TrainConfig(
         output=args.output, preset=args.preset, seed=args.seed, steps=args.steps,

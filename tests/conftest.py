@@ -16,7 +16,7 @@ TESTS_DIR = pathlib.Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from megatron_easyep.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from megatron_easyep.checkpoint.tiny import make_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Subprocess for tests/test_fp8_emulation.py: the real Megatron-Core GPTModel (one process, world
-size 1, gloo) on tiny checkpoints, with and without megatron_easyep.fp8_emulation.
+size 1, gloo) on tiny checkpoints, with and without megatron_easyep.mcore.fp8_emulation.
 
     python tests/fp8_emulation_worker.py OUT.pt BF16_CKPT FP8_CKPT FP8_NONINTERLEAVED_CKPT
 
@@ -26,8 +26,10 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def main(out_path, bf16_ckpt, fp8_ckpt, fp8_nonint_ckpt):
-    from megatron_easyep import distributed, fp8_emulation, model as model_lib
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.mcore import parallel as distributed
+    from megatron_easyep.mcore import fp8_emulation
+    from megatron_easyep.mcore import model as model_lib
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     distributed.init_parallel(1, seed=0)
     ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(7)).tolist()

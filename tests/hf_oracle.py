@@ -19,7 +19,7 @@ Facts about transformers 5.23 this helper relies on (read from its source):
 * FP8: ``from_pretrained`` of a ``quant_method: fp8`` checkpoint needs the ``accelerate`` package
   even with ``FineGrainedFP8Config(dequantize=True)`` (the quantizer's validate_environment raises
   ImportError without it), and accelerate is not a dependency of this project. So FP8 checkpoints
-  are dequantised here, with a block loop written independently of megatron_easyep.fp8, into a
+  are dequantised here, with a block loop written independently of megatron_easyep.checkpoint.fp8_blocks, into a
   temporary fp32 copy that stock ``from_pretrained`` then loads (so expert fusion and every other
   load-time conversion stay transformers' own).
 """

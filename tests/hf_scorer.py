@@ -1,7 +1,7 @@
 """An independent EASY-EP scorer on stock transformers' DeepseekV3ForCausalLM (fp32), for tests.
 
 Written from the method note (shared/reference/easyep-method.md) against transformers 5.23's
-modeling_deepseek_v3.py, sharing no code with megatron_easyep.metrics / megatron_easyep.scoring:
+modeling_deepseek_v3.py, sharing no code with megatron_easyep.scoring.metrics / megatron_easyep.scoring.run:
 
 * ``DeepseekV3DecoderLayer.forward`` does ``residual = hidden_states`` right before
   ``post_attention_layernorm``, so a forward pre-hook on that norm sees h (the residual stream

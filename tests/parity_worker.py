@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_easyep import distributed, model as model_lib
-from megatron_easyep.evaluation import EvalRun, run_evaluation
+from megatron_easyep.mcore import parallel as distributed
+from megatron_easyep.mcore import model as model_lib
+from megatron_easyep.analysis.evaluation import EvalRun, run_evaluation
 
 
 def main():

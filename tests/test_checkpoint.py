@@ -17,9 +17,9 @@ from hf_oracle import dequantize_blockwise_reference, load_transformers_mtp, loa
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from megatron_easyep.fp8 import MIN_BLOCK_AMAX, dequantize_fp8_blockwise, quantize_fp8_blockwise
-from megatron_easyep.hf_checkpoint import CheckpointError, DeepseekV3Config, HFCheckpoint, expert_weight_name
-from megatron_easyep.tiny_checkpoint import (
+from megatron_easyep.checkpoint.fp8_blocks import MIN_BLOCK_AMAX, dequantize_fp8_blockwise, quantize_fp8_blockwise
+from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config, HFCheckpoint, expert_weight_name
+from megatron_easyep.checkpoint.tiny import (
     ASSISTANT_TOKEN,
     BOS_TOKEN,
     DEEPSEEK_V3_CONFIG,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_easyep.demo_data import write_demo_files
+from megatron_easyep.scoring.demo_data import write_demo_files
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAINS = ["math", "code"]
@@ -99,10 +99,10 @@ def test_pruning_half_the_experts_changes_the_model(compared):
 def test_perplexities_match_an_independent_evaluation(compared, tmp_path):
     """The full model's and one pruned model's perplexity in results.csv == evaluation.py's
     (one sequence per forward, its own NLL code) on a re-export of the recorded selection."""
-    from megatron_easyep.evaluation import EvalRun, run_evaluation
-    from megatron_easyep.export import export_pruned
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
-    from megatron_easyep.selection import load_scores, select_for_checkpoint
+    from megatron_easyep.analysis.evaluation import EvalRun, run_evaluation
+    from megatron_easyep.pruning.export import export_pruned
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.pruning.selection import load_scores, select_for_checkpoint
 
     demos = compared["demos"]
     heldout = [f"{demos[d + '_heldout']}:{d}" for d in DOMAINS]
@@ -254,7 +254,7 @@ def test_resume_reuses_stored_evaluations_and_is_deterministic(compared, tmp_pat
 
 
 def test_bad_requests_fail_before_any_output(tiny_checkpoint_factory, tmp_path):
-    from megatron_easyep.compare import CompareError, CompareRun, run_compare
+    from megatron_easyep.analysis.compare import CompareError, CompareRun, run_compare
 
     demos = write_demo_files(tmp_path / "demos", per_domain=1, heldout=1)
     base = dict(hf_checkpoint=str(tiny_checkpoint_factory()), demos=[f"{demos['math']}:math"],
@@ -272,13 +272,14 @@ def test_bad_requests_fail_before_any_output(tiny_checkpoint_factory, tmp_path):
 
 
 def test_group_rounded_counts_known_values():
-    from megatron_easyep.compare import CompareError, group_rounded_counts
+    from megatron_easyep.pruning.cprune import group_rounded_counts
+    from megatron_easyep.pruning.selection import SelectionError
 
     assert group_rounded_counts([6, 10, 8], 4, [12, 12, 12]) == [4, 12, 8]  # tie: larger count
     assert group_rounded_counts([10, 10, 4], 4, [12, 12, 12]) == [12, 8, 4]  # then earlier layer
     assert group_rounded_counts([5, 11, 8], 4, [12, 12, 12]) == [4, 12, 8]
     assert group_rounded_counts([4, 12, 8], 4, [12, 12, 12]) == [4, 12, 8]
-    with pytest.raises(CompareError, match="cannot round"):
+    with pytest.raises(SelectionError, match="cannot round"):
         group_rounded_counts([5, 10, 8], 4, [12, 12, 12])
 
 
@@ -289,9 +290,9 @@ def test_cprune_global_gives_a_redundant_layer_fewer_experts():
     average exactly M. Under equal-per-group every enabled count is a multiple of n_group."""
     import numpy as np
 
-    from megatron_easyep.compare import cprune_global_selection
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
-    from megatron_easyep.tiny_checkpoint import build_config
+    from megatron_easyep.pruning.cprune import cprune_global_selection
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.checkpoint.tiny import build_config
 
     config = DeepseekV3Config.from_dict(build_config("tiny"))
     layers = config.moe_layer_ids

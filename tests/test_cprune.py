@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import load_file
 
 from hf_oracle import load_transformers_model, read_checkpoint_tensors
-from megatron_easyep import cprune
-from megatron_easyep.demo_data import write_demo_files
-from megatron_easyep.export import ExportError, export_pruned
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
-from megatron_easyep.selection import DISABLED_BIAS, SelectionError, selection_from_kept
+from megatron_easyep.pruning import cprune
+from megatron_easyep.scoring.demo_data import write_demo_files
+from megatron_easyep.pruning.export import ExportError, export_pruned
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
+from megatron_easyep.pruning.selection import DISABLED_BIAS, SelectionError, selection_from_kept
 from test_export import restore_routing, route_only_kept
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Emulated DeepSeek FP8 (megatron_easyep.fp8_emulation): hand-computed e4m3 quantisation of known
+"""Emulated DeepSeek FP8 (megatron_easyep.mcore.fp8_emulation): hand-computed e4m3 quantisation of known
 blocks, --fp8 mode resolution, and the real Megatron-Core model with the emulation enabled
 (tests/fp8_emulation_worker.py, one subprocess for the whole file).
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_easyep import fp8_emulation as fe
-from megatron_easyep.fp8 import MIN_BLOCK_AMAX
+from megatron_easyep.mcore import fp8_emulation as fe
+from megatron_easyep.checkpoint.fp8_blocks import MIN_BLOCK_AMAX
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "fp8_emulation_worker.py"
@@ -298,7 +298,7 @@ def test_score_cli_fp8_flag(tiny_checkpoint_factory, tmp_path):
 
     from safetensors.torch import load_file
 
-    from megatron_easyep.demo_data import write_demo_files
+    from megatron_easyep.scoring.demo_data import write_demo_files
 
     repo = Path(__file__).resolve().parent.parent
     ckpt = tiny_checkpoint_factory(fp8=True, weight_block_size=[32, 32])

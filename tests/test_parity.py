@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_oracle import load_transformers_model
-from megatron_easyep import megatron_patches
-from megatron_easyep.hf_checkpoint import HFCheckpoint
+from megatron_easyep.mcore import patches as megatron_patches
+from megatron_easyep.checkpoint.reader import HFCheckpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

@@ -1,4 +1,4 @@
-"""Memory planning (megatron_easyep.plan, converters/plan.py): counts against DeepSeek-V3's published
+"""Memory planning (megatron_easyep.mcore.plan, converters/plan.py): counts against DeepSeek-V3's published
 sizes and against the tensors of generated checkpoints (exact), the layout arithmetic, the CLI."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from megatron_easyep import plan
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
+from megatron_easyep.mcore import plan
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_easyep.routing_drift import Routing, RoutingDriftError, layer_drift, load_pruned_plan, route
+from megatron_easyep.analysis.routing_drift import Routing, RoutingDriftError, layer_drift, load_pruned_plan, route
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -206,9 +206,9 @@ def _spawn(cmd):
 
 @pytest.fixture(scope="module")
 def e2e(tiny_checkpoint_factory, tmp_path_factory):
-    from megatron_easyep.export import export_pruned
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
-    from megatron_easyep.selection import load_scores, select_for_checkpoint, write_score_file
+    from megatron_easyep.pruning.export import export_pruned
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.pruning.selection import load_scores, select_for_checkpoint, write_score_file
 
     root = tmp_path_factory.mktemp("drift")
     src = tiny_checkpoint_factory(num_nextn_predict_layers=1)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hf_scorer import METRIC_NAMES, hf_expert_scores
-from megatron_easyep import metrics
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
+from megatron_easyep.scoring import metrics
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -139,7 +139,7 @@ def demo_files(tmp_path_factory):
 
 def _oracle_demos(ckpt):
     """(input_ids, domain) for every demo, tokenised with transformers' own tokenizer and chat
-    template (independent of megatron_easyep.demos)."""
+    template (independent of megatron_easyep.scoring.demos)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt)

@@ -1,7 +1,7 @@
 """Expert selection from a score file: policies, domain mixing, ties, random, feasibility.
 
 The expected kept ids are computed here independently (plain Python sorting over lists), never
-with megatron_easyep.selection's own helpers.
+with megatron_easyep.pruning.selection's own helpers.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
-from megatron_easyep.selection import (
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
+from megatron_easyep.pruning.selection import (
     Selection,
     SelectionError,
     keep_from_ratio,
@@ -23,7 +23,7 @@ from megatron_easyep.selection import (
     select_for_checkpoint,
     write_score_file,
 )
-from megatron_easyep.tiny_checkpoint import build_config
+from megatron_easyep.checkpoint.tiny import build_config
 
 E, N_GROUP, TOPK_GROUP, TOP_K = 16, 4, 2, 4
 LAYERS = [1, 2]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_easyep.demo_data import write_demo_files
+from megatron_easyep.scoring.demo_data import write_demo_files
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "launch" / "slurm"

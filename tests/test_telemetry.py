@@ -1,8 +1,8 @@
-"""GPU telemetry (megatron_easyep.telemetry): the silent no-op without NVML/GPUs (this machine), the
+"""GPU telemetry (megatron_easyep.scoring.telemetry): the silent no-op without NVML/GPUs (this machine), the
 sampler's thread and summary with a scripted sample source, and the cross-rank gather over gloo.
 
 The NVML source itself needs a GPU; on a GPU node run
-    python -c "from megatron_easyep.telemetry import GpuTelemetry; import torch, time; \
+    python -c "from megatron_easyep.scoring.telemetry import GpuTelemetry; import torch, time; \
 torch.cuda.init(); t = GpuTelemetry(0.2).start(); time.sleep(1); t.stop(); print(t.summary())"
 """
 
@@ -19,8 +19,8 @@ import time
 import pytest
 import torch
 
-from megatron_easyep import telemetry
-from megatron_easyep.telemetry import MIB, GpuTelemetry
+from megatron_easyep.scoring import telemetry
+from megatron_easyep.scoring.telemetry import MIB, GpuTelemetry
 
 HAVE_PYNVML = importlib.util.find_spec("pynvml") is not None
 
@@ -51,7 +51,7 @@ def test_without_gpus_it_is_a_silent_no_op(capfd):
 def test_no_op_without_pynvml_importable(tmp_path):
     """Whatever this environment has installed: with pynvml made unimportable, still silent."""
     code = ("import sys; sys.modules['pynvml'] = None\n"
-            "from megatron_easyep.telemetry import GpuTelemetry\n"
+            "from megatron_easyep.scoring.telemetry import GpuTelemetry\n"
             "t = GpuTelemetry(0.01).start(); t.stop()\n"
             "assert t.summary() is None and not t.enabled, t.reason\n"
             "assert t.reason == 'nvidia-ml-py (pynvml) is not installed', t.reason\n")
@@ -148,7 +148,7 @@ def test_format_summary_lines():
 
 GATHER_WORKER = """
 import os, sys, torch, torch.distributed as dist
-from megatron_easyep import telemetry
+from megatron_easyep.scoring import telemetry
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo")
 summary = None if rank == 0 else {"peak_memory_mib": 100.0 * rank}

@@ -29,8 +29,8 @@ import torch
 from safetensors import safe_open
 
 from hf_oracle import dequantized_state_dict, load_transformers_model, read_checkpoint_tensors
-from megatron_easyep import corpus as C
-from megatron_easyep.tiny_checkpoint import DEEPSEEK_V3_CONFIG, SPECIAL_TOKENS
+from megatron_easyep.training import corpus as C
+from megatron_easyep.checkpoint.tiny import DEEPSEEK_V3_CONFIG, SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parent.parent
 CI_CORPUS = dict(max_bytes_per_domain=150_000, math_document_count=300)
@@ -127,7 +127,8 @@ def test_tokenizer_deterministic_with_deepseek_specials(small_corpus, tmp_path):
 
 @pytest.fixture(scope="module")
 def megatron():
-    from megatron_easyep import distributed, training
+    from megatron_easyep.mcore import parallel as distributed
+    from megatron_easyep.training import train as training
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -140,7 +141,7 @@ def megatron():
 
 @pytest.fixture(scope="module")
 def trained_run(megatron, tmp_path_factory):
-    from megatron_easyep.training import TrainConfig, run_training
+    from megatron_easyep.training.train import TrainConfig, run_training
 
     out = tmp_path_factory.mktemp("train") / "run"
     report = run_training(TrainConfig(output=out, preset="ci", seed=0, fp8=True,
@@ -225,8 +226,8 @@ def test_converter_cli_reproduces_the_training_checkpoint(trained_run, tmp_path)
 
 
 def test_training_step_is_reproducible_from_the_seed(megatron, small_corpus):
-    from megatron_easyep import training
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.training import train as training
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     tokenizer = C.train_tokenizer(small_corpus, 1024)
     streams = {d: C.token_stream(C.encode_documents(tokenizer, small_corpus.train[d][:5]))
@@ -264,7 +265,7 @@ DEMOS = [[0, 17, 92, 45, 201, 7, 66, 311, 12, 5, 480, 33, 9, 2, 250],
 def _randomise(model, seed):
     """Distinct, decisive random weights: norms around 1, a wide router (no near-ties between
     implementations), positive expert bias (see training.shift_expert_bias_nonnegative)."""
-    from megatron_easyep.mapping import IGNORED_SUFFIXES
+    from megatron_easyep.mcore.mapping import IGNORED_SUFFIXES
 
     g = torch.Generator().manual_seed(seed)
     for name, t in model.state_dict(keep_vars=True).items():
@@ -281,8 +282,8 @@ def _randomise(model, seed):
 
 @pytest.fixture(scope="module")
 def random_model(megatron):
-    from megatron_easyep import training
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.training import train as training
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     config = training.model_config("ci", vocab_size=512)
     cfg = DeepseekV3Config.from_dict(config)
@@ -292,7 +293,7 @@ def random_model(megatron):
 
 
 def _megatron_logits(model):
-    from megatron_easyep.model import forward_padded
+    from megatron_easyep.mcore.model import forward_padded
 
     with torch.no_grad():
         return [forward_padded(model, ids, 48)[:len(ids)].float() for ids in DEMOS]
@@ -312,8 +313,8 @@ def _assert_close(got, want, what):
 
 
 def test_megatron_to_hf_fp32_logits_and_round_trip(random_model, tmp_path):
-    from megatron_easyep.hf_writer import write_hf_checkpoint
-    from megatron_easyep.model import load_megatron_model
+    from megatron_easyep.mcore.to_hf import write_hf_checkpoint
+    from megatron_easyep.mcore.model import load_megatron_model
 
     config, model = random_model
     dst = write_hf_checkpoint(model, config, tmp_path / "fp32", dtype="float32", num_shards=3)
@@ -328,9 +329,9 @@ def test_megatron_to_hf_fp32_logits_and_round_trip(random_model, tmp_path):
 
 
 def test_megatron_to_hf_bf16_and_fp8(random_model, tmp_path):
-    from megatron_easyep.hf_writer import write_hf_checkpoint
-    from megatron_easyep.model import build_model, transformer_config
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.mcore.to_hf import write_hf_checkpoint
+    from megatron_easyep.mcore.model import build_model, transformer_config
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     config, model = random_model
     bf16 = write_hf_checkpoint(model, config, tmp_path / "bf16", num_shards=1)
@@ -372,15 +373,15 @@ def test_megatron_to_hf_bf16_and_fp8(random_model, tmp_path):
         assert ((q - w).abs() <= bound).all(), name
         assert 0 < (q - w).norm() / w.norm() < 0.05, name
     # transformers reads the FP8 checkpoint exactly as the project's Megatron loader does
-    from megatron_easyep.model import load_megatron_model
+    from megatron_easyep.mcore.model import load_megatron_model
 
     _, megatron_fp8 = load_megatron_model(fp8, dtype=torch.float32)
     _assert_close(_hf_logits(fp8), _megatron_logits(megatron_fp8), "fp8 transformers vs Megatron")
 
 
 def test_writer_refuses_incomplete_models_and_existing_dirs(random_model, tmp_path):
-    from megatron_easyep.hf_writer import HFWriteError, megatron_to_hf_tensors, write_hf_checkpoint
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.mcore.to_hf import HFWriteError, megatron_to_hf_tensors, write_hf_checkpoint
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     config, model = random_model
     bigger = dict(config, n_routed_experts=32, n_group=4)  # the model holds only 16 experts

@@ -35,10 +35,10 @@ import uuid
 import torch
 from safetensors.torch import save_file
 
-from megatron_easyep import mapping
-from megatron_easyep.fp8 import DEFAULT_BLOCK_SIZE, quantize_fp8_blockwise
-from megatron_easyep.hf_checkpoint import CheckpointError, DeepseekV3Config, scale_inv_name
-from megatron_easyep.tiny_checkpoint import (
+from megatron_easyep.mcore import mapping
+from megatron_easyep.checkpoint.fp8_blocks import DEFAULT_BLOCK_SIZE, quantize_fp8_blockwise
+from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config, scale_inv_name
+from megatron_easyep.checkpoint.tiny import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
     move_into_place,
@@ -79,7 +79,7 @@ def megatron_to_hf_tensors(model, cfg: DeepseekV3Config) -> dict[str, torch.Tens
             source = mapping.hf_source(name, experts_per_rank=experts, ep_rank=0)
         except KeyError:
             raise HFWriteError(f"Megatron tensor {name} has no entry in the HF name table "
-                               "(megatron_easyep/mapping.py)") from None
+                               "(megatron_easyep/mcore/mapping.py)") from None
         if source is None or not isinstance(value, torch.Tensor):
             continue
         value = value.detach().to("cpu", torch.float32)
@@ -234,8 +234,8 @@ def save_megatron_state(model, config: dict, out_dir, *, tokenizer_json: str | N
 
 def load_megatron_state(state_dir, *, dtype: torch.dtype = torch.float32):
     """(config dict, GPTModel with the saved weights, tokenizer.json text or None).
-    parallel_state must be initialised with expert parallel 1 (distributed.init_parallel(1))."""
-    from megatron_easyep.model import build_model, transformer_config
+    parallel_state must be initialised with expert parallel 1 (parallel.init_parallel(1))."""
+    from megatron_easyep.mcore.model import build_model, transformer_config
 
     state_dir = pathlib.Path(state_dir)
     config_path, state_path = state_dir / "config.json", state_dir / MEGATRON_STATE_FILE

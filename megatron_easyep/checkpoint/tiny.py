@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from megatron_easyep.fp8 import DEFAULT_BLOCK_SIZE, quantize_fp8_blockwise, scale_shape
-from megatron_easyep.hf_checkpoint import DeepseekV3Config, scale_inv_name
+from megatron_easyep.checkpoint.fp8_blocks import DEFAULT_BLOCK_SIZE, quantize_fp8_blockwise, scale_shape
+from megatron_easyep.checkpoint.reader import DeepseekV3Config, scale_inv_name
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from megatron_easyep.fp8 import (
+from megatron_easyep.checkpoint.fp8_blocks import (
     DEFAULT_BLOCK_SIZE,
     FP8_DTYPE,
     FP8_E4M3_MAX,
@@ -229,7 +229,7 @@ def _rope_row_permutation(name: str, weight: torch.Tensor, hf_config):
         head = weight.shape[0]
     else:
         return None
-    from megatron_easyep.model import _deinterleave_rope_rows
+    from megatron_easyep.mcore.model import _deinterleave_rope_rows
 
     # Apply the loader's permutation to row indices to learn where each HF row went.
     rows = torch.arange(weight.shape[0], dtype=torch.float64)[:, None]

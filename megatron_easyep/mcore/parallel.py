@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_easyep import megatron_patches
+from megatron_easyep.mcore import patches
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234) -> Layout:
     """Initialise torch.distributed (if needed) and Megatron's parallel_state."""
     from megatron.core import parallel_state
 
-    megatron_patches.apply_all()
+    patches.apply_all()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -64,7 +64,7 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234) -> Layout:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
             expert_model_parallel_size=expert_parallel)
-    megatron_patches.seed_model_parallel_rng(seed)
+    patches.seed_model_parallel_rng(seed)
     return Layout(
         world_size=world,
         rank=dist.get_rank(),

@@ -60,7 +60,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:  # only for type hints; the config object comes from hf_checkpoint
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
 SCORE_FORMAT = "megatron-easyep-scores/1"
 SCORE_TENSORS_FILE = "scores.safetensors"
@@ -69,6 +69,7 @@ SCORE_META_FILE = "scores.json"
 KNOWN_METRICS = ("easyep", "easyep_no_token", "easyep_no_norm", "gate", "frequency")
 RANDOM_METRIC = "random"  # not stored in the file: drawn from `seed`
 GROUP_POLICIES = ("equal-per-group", "collapse")
+EQUAL_PER_GROUP, COLLAPSE = GROUP_POLICIES
 DEFAULT_GROUP_POLICY = "equal-per-group"
 DOMAIN_SEPARATOR = "@"
 # e_score_correction_bias written for a disabled (kept but never routed) expert slot
@@ -691,3 +692,20 @@ def selection_from_kept(
         fallback_layers=tuple(sorted(int(layer) for layer in fallback_layers)),
         disabled=dict(sorted(disabled.items())),
     )
+
+
+def group_policy_for(keep: int, config) -> str:
+    """equal-per-group when routing accepts M under it, else collapse (SelectionError if neither)."""
+    routing = dict(n_routed_experts=config.n_routed_experts, n_group=config.n_group,
+                   topk_group=config.topk_group, top_k=config.num_experts_per_tok)
+    try:
+        validate_feasibility(keep=keep, group_policy=EQUAL_PER_GROUP, **routing)
+        return EQUAL_PER_GROUP
+    except SelectionError:
+        pass
+    try:
+        validate_feasibility(keep=keep, group_policy=COLLAPSE, **routing)
+    except SelectionError as err:
+        raise SelectionError(f"M={keep} is not routable under either group policy: {err}") from None
+    return COLLAPSE
+

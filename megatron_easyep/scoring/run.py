@@ -1,17 +1,8 @@
-"""Expert scoring inside the Megatron-Core forward: hooks -> metrics -> EP/DP all-reduce.
+"""The scoring run: demonstrations through the Megatron model with the scorer attached, resumable
+per-rank snapshots, one all-reduce over the world at the end, and the score file with its
+provenance (OUTPUT/scores.safetensors + scores.json, written atomically by rank 0).
 
-Each MoE layer, on each rank, after its routed output is combined (megatron_patches hook points):
-  * s_t for this rank's tokens from the residual h and the routed output (h~ = h + routed);
-  * s_t, the token's domain and the routing map are all-gathered over the expert-parallel group,
-    so the rank can tell which token each of its expert rows belongs to: the dispatcher lays out
-    a local expert's rows as the EP group's tokens routed to it, source rank by source rank, in
-    token order (allgather and alltoall alike), which is the order of
-    routing_map_of_group[:, local_experts].T.nonzero();
-  * each row gives g (the row's prob) and ||e|| = ||row|| / g (Megatron multiplies the expert
-    output by g inside the expert), and metrics.expert_scores sums them per (domain, expert).
-Sums are kept online in float64 per rank (only local experts are filled), and all-reduced once
-over the world at the end: every (token, expert) pair is counted exactly once, on the rank that
-owns the expert within the token's EP group.
+The scorer itself (what is summed per token and expert) is `scoring.scorer.ExpertScorer`.
 """
 
 from __future__ import annotations
@@ -28,140 +19,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_easyep import demos as demos_lib
-from megatron_easyep import megatron_patches, metrics
+from megatron_easyep.mcore import patches
+from megatron_easyep.scoring import demos as demos_lib
+from megatron_easyep.scoring import metrics
+from megatron_easyep.scoring.scorer import ExpertScorer, cprune_expert_features
 
 SCORE_FORMAT = "megatron-easyep-scores/1"
 
 
 class ScoringError(ValueError):
     """Bad scoring input or output location."""
-
-
-class ExpertScorer:
-    """Online per-(domain, metric, layer, expert) sums for one model on one rank."""
-
-    def __init__(self, moe_layer_indices: list[int], num_experts: int, domains: list[str],
-                 ep_group=None, device="cpu", pool_inputs: bool = False):
-        self.layer_row = {layer: row for row, layer in enumerate(moe_layer_indices)}
-        # C-Prune: per demonstration, the mean of its MoE inputs in every MoE layer [L, H]
-        self.pool_inputs = pool_inputs
-        self.pooled_inputs: dict[int, torch.Tensor] = {}
-        self.demo_index: int | None = None
-        self.num_experts = num_experts
-        self.domains = domains
-        self.ep_group = ep_group
-        self.sums = torch.zeros(len(domains), len(metrics.METRICS), len(moe_layer_indices),
-                                num_experts, dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(len(domains), dtype=torch.float64, device=device)
-        self.token_domain: torch.Tensor | None = None  # [T] domain index, -1 = padding
-        self._local_id_cache: dict = {}
-
-    def begin_step(self, token_domain: torch.Tensor, demo_index: int | None = None) -> None:
-        self.token_domain = token_domain
-        self.demo_index = demo_index
-        counts = torch.bincount(token_domain + 1, minlength=len(self.domains) + 1)  # 0 = padding
-        self.tokens += counts[1:].to(self.tokens)
-
-    def observe(self, layer_index: int, obs: megatron_patches.MoEObservation) -> None:
-        if self.pool_inputs and self.demo_index is not None:
-            valid = self.token_domain >= 0
-            pooled = self.pooled_inputs.setdefault(
-                self.demo_index, torch.zeros(len(self.layer_row), obs.moe_input.shape[-1],
-                                             dtype=torch.float32))
-            pooled[self.layer_row[layer_index]] = obs.moe_input[valid].float().mean(0).cpu()
-        s = metrics.token_contribution(obs.residual, obs.residual + obs.routed_output)
-        packed = torch.cat([s.double()[:, None], self.token_domain.double()[:, None].to(s.device),
-                            obs.routing_map.double()], dim=1)
-        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
-            parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(self.ep_group))]
-            dist.all_gather(parts, packed.contiguous(), group=self.ep_group)
-            packed = torch.cat(parts, dim=0)
-        s_group, domain_group, routing_group = packed[:, 0], packed[:, 1].long(), packed[:, 2:]
-
-        local = self._local_ids(obs.local_expert_ids, packed.device)
-        rows = obs.expert_rows
-        routed_here = routing_group[:, local].bool().T  # [E_local, T_group]
-        # Rows are grouped by local expert, tokens in EP-group order: exactly the order of
-        # routed_here.nonzero(). nonzero_static with the known row count avoids a GPU sync;
-        # on CPU we also check the count (free there).
-        if not rows.is_cuda and int(routed_here.sum()) != rows.shape[0]:
-            raise RuntimeError(
-                f"layer {layer_index}: {rows.shape[0]} expert rows but the routing map routes "
-                f"{int(routed_here.sum())} tokens to this rank's experts; the dispatcher's row "
-                "layout is not what megatron_easyep.scoring assumes")
-        local_expert, token = torch.nonzero_static(routed_here, size=rows.shape[0]).unbind(1)
-        gate = obs.row_probs.float()
-        out_norm = rows.float().norm(dim=-1)
-        expert_out_norm = torch.where(gate > 0, out_norm / gate.clamp_min(1e-30),
-                                      torch.zeros_like(out_norm))
-        # padding tokens (domain -1) land in one extra bin that is dropped
-        domain = domain_group[token]
-        num_bins = len(self.domains) * self.num_experts
-        bins = torch.where(domain >= 0, domain * self.num_experts + local[local_expert], num_bins)
-        sums = metrics.expert_scores(bins, gate, expert_out_norm, s_group[token], num_bins + 1)
-        row = self.layer_row[layer_index]
-        for m, name in enumerate(metrics.METRICS):
-            self.sums[:, m, row] += sums[name][:num_bins].view(len(self.domains),
-                                                               self.num_experts)
-
-    def _local_ids(self, ids: list[int], device) -> torch.Tensor:
-        key = (tuple(ids), str(device))
-        if key not in self._local_id_cache:
-            self._local_id_cache[key] = torch.tensor(ids, device=device)
-        return self._local_id_cache[key]
-
-    def all_reduce(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.sums)
-            dist.all_reduce(self.tokens)
-
-    def state_dict(self) -> dict:
-        return {"sums": self.sums.cpu(), "tokens": self.tokens.cpu(),
-                "pooled_inputs": dict(self.pooled_inputs)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sums.copy_(state["sums"])
-        self.tokens.copy_(state["tokens"])
-        self.pooled_inputs = dict(state.get("pooled_inputs", {}))
-
-    def score_tensors(self) -> dict[str, torch.Tensor]:
-        """{metric: [L, E]} over all domains and {metric@domain: [L, E]}."""
-        out = {}
-        for m, name in enumerate(metrics.METRICS):
-            out[name] = self.sums[:, m].sum(dim=0).cpu().contiguous()
-            for d, domain in enumerate(self.domains):
-                out[f"{name}@{domain}"] = self.sums[d, m].cpu().contiguous()
-        return out
-
-
-@torch.no_grad()
-def cprune_expert_features(model, scorer: ExpertScorer, num_demos: int) -> dict | None:
-    """C-Prune's expert features (arXiv 2504.07807): every expert run on the mean-pooled MoE
-    input of every demonstration. Pooled inputs come from the scoring forward; each rank runs
-    its own experts on all of them, and rank 0 gathers {"features": [L, E, N, H],
-    "pooled_inputs": [L, N, H]} (float32; N = demonstrations in input order)."""
-    from megatron.core import parallel_state
-
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, scorer.pooled_inputs)
-    by_demo = {k: v for part in gathered for k, v in part.items()}
-    if sorted(by_demo) != list(range(num_demos)):
-        raise RuntimeError("C-Prune: pooled inputs are missing for some demonstrations")
-    pooled = torch.stack([by_demo[i] for i in range(num_demos)], dim=1)  # [L, N, H]
-    ep_group = parallel_state.get_expert_model_parallel_group()
-    features = []
-    for row, (_, layer) in enumerate(megatron_patches.iter_moe_layers(model)):
-        experts = megatron_patches.local_experts(layer.mlp)
-        param = next(experts[0].parameters())
-        x = pooled[row].to(device=param.device, dtype=param.dtype)
-        local = torch.stack([expert(x)[0].float() for expert in experts])  # [E_local, N, H]
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(ep_group))]
-        dist.all_gather(parts, local.contiguous(), group=ep_group)
-        features.append(torch.cat(parts).cpu())  # EP ranks hold contiguous global id blocks
-    if dist.get_rank() != 0:
-        return None
-    return {"features": torch.stack(features).contiguous(), "pooled_inputs": pooled.contiguous()}
 
 
 @dataclass
@@ -198,8 +65,9 @@ def _log(layout, message: str) -> None:
 def run_scoring(run: ScoreRun) -> Path | None:
     """Score every demonstration; rank 0 writes OUTPUT/{scores.safetensors,scores.json}.
     Validates inputs before the model is built (feasibility first, then compute)."""
-    from megatron_easyep import distributed, model as model_lib
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.mcore import parallel
+    from megatron_easyep.mcore import model as model_lib
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     for name in ("max_demos", "max_length", "checkpoint_every", "log_every", "expert_parallel"):
         value = getattr(run, name)
@@ -221,7 +89,8 @@ def run_scoring(run: ScoreRun) -> Path | None:
         demo_files.append({"path": str(demo_file.path), "domain": demo_file.domain,
                            "sha256": demos_lib.file_sha256(demo_file.path)})
 
-    from megatron_easyep import fp8_emulation, telemetry
+    from megatron_easyep.mcore import fp8_emulation
+    from megatron_easyep.scoring import telemetry
 
     fp8_mode = fp8_emulation.resolve_fp8_mode(run.fp8)  # a clear error before any compute
     if fp8_mode == "te" and run.fp8 == "auto":
@@ -230,8 +99,8 @@ def run_scoring(run: ScoreRun) -> Path | None:
         raise fp8_emulation.Fp8Unavailable(
             "--fp8 te: Transformer Engine is usable here, but megatron-easyep builds Megatron's "
             "local layer spec only; use --fp8 emulated (DeepSeek's FP8 numerics, any device)")
-    layout = distributed.init_parallel(run.expert_parallel, seed=run.seed)
-    dtype = _resolve_dtype(run.dtype, cfg)
+    layout = parallel.init_parallel(run.expert_parallel, seed=run.seed)
+    dtype = model_lib.resolve_dtype(run.dtype, cfg)
     provenance = {
         "format": SCORE_FORMAT,
         "checkpoint": str(Path(run.hf_checkpoint).resolve()),
@@ -269,11 +138,11 @@ def run_scoring(run: ScoreRun) -> Path | None:
             model, cfg.weight_block_size or fp8_emulation.DEFAULT_BLOCK_SIZE, hf_config=cfg)
         provenance["fp8"] = fp8_state.as_dict()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    moe_layers = [index for index, _ in megatron_patches.iter_moe_layers(model)]
+    moe_layers = [index for index, _ in patches.iter_moe_layers(model)]
     scorer = ExpertScorer(moe_layers, cfg.n_routed_experts, domains,
                           ep_group=parallel_state.get_expert_model_parallel_group(), device=device,
                           pool_inputs=run.cprune_features)
-    detach = megatron_patches.attach_moe_observers(model, scorer.observe)
+    detach = patches.attach_moe_observers(model, scorer.observe)
 
     my_demos = demos_lib.shard_for_rank(demo_list, layout.dp_rank, layout.data_parallel)
     steps = demos_lib.num_steps(len(demo_list), layout.data_parallel)
@@ -290,7 +159,7 @@ def run_scoring(run: ScoreRun) -> Path | None:
         for step in range(start, steps):
             index, demo = my_demos[step] if step < len(my_demos) else (None, None)
             ids = list(demo.input_ids) if demo else []
-            length = distributed.max_over_world(len(ids), device)
+            length = parallel.max_over_world(len(ids), device)
             token_domain = torch.full((length,), -1, dtype=torch.long, device=device)
             if demo:
                 token_domain[:len(ids)] = domains.index(demo.domain)
@@ -338,18 +207,6 @@ def run_scoring(run: ScoreRun) -> Path | None:
     if dist.get_world_size() > 1:
         dist.barrier()
     return output if layout.rank == 0 else None
-
-
-def _resolve_dtype(name: str | None, cfg) -> torch.dtype:
-    from megatron_easyep.model import DTYPES
-
-    if name is None:  # fp32 on CPU; the checkpoint's dtype on GPU (FP8 weights -> bf16)
-        if not torch.cuda.is_available():
-            return torch.float32
-        name = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "bfloat16"
-    if name not in DTYPES:
-        raise ScoringError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def _state_file(work: Path, rank: int, next_step: int) -> Path:

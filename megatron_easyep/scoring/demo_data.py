@@ -1,7 +1,7 @@
 """Built-in demonstrations for the CPU demo and tests: two domains of chat-formatted JSONL
 (prompt/response), generated deterministically, no downloads.
 
-    python -m megatron_easyep.demo_data OUT_DIR   ->  OUT_DIR/{math,code}{,_heldout}.jsonl
+    python -m megatron_easyep.scoring.demo_data OUT_DIR   ->  OUT_DIR/{math,code}{,_heldout}.jsonl
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ windows of at most ``length`` tokens, dealt round-robin over documents (window 0
 then window 1, ...), each document's first window starting with bos. These are what
 ``launch/score.py`` / ``launch/evaluate.py`` read as ``--demos FILE:DOMAIN``.
 
-    python -m megatron_easyep.corpus OUT_DIR [--seed N]   # tokenizer + demos + manifest only
+    python -m megatron_easyep.training.corpus OUT_DIR [--seed N]   # tokenizer + demos + manifest only
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_easyep.tiny_checkpoint import BOS_TOKEN, BOS_TOKEN_ID, EOS_TOKEN, EOS_TOKEN_ID, SPECIAL_TOKENS
+from megatron_easyep.checkpoint.tiny import BOS_TOKEN, BOS_TOKEN_ID, EOS_TOKEN, EOS_TOKEN_ID, SPECIAL_TOKENS
 
 DOMAINS = ("code", "prose", "math")
 DEFAULT_VOCAB_SIZE = 4096

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
 GIB = 1024**3
 DEFAULT_BLOCK = (128, 128)

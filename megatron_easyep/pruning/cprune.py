@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 
-from megatron_easyep.selection import SelectionError, validate_feasibility
+from megatron_easyep.pruning.selection import EQUAL_PER_GROUP, SelectionError, selection_from_kept, validate_feasibility
 
 FEATURES_FILE = "cprune_features.safetensors"
 UNEVEN_MODES = ("disable", "equalize")
@@ -368,3 +368,65 @@ def load_features(path: str | os.PathLike, name: str = "features") -> np.ndarray
     if (end - begin) != 4 * math.prod(shape):
         raise SelectionError(f"{path}: {name!r} byte size does not match its shape {shape}")
     return np.memmap(path, dtype="<f4", mode="r", offset=8 + header_len + begin, shape=shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Selections at an average of M experts per layer (the comparison grid's two C-Prune rows)
+# --------------------------------------------------------------------------------------------
+
+METRIC = "cprune"  # the layer-wise step
+GLOBAL_METRIC = "cprune_global"  # with the global cross-layer step
+GLOBAL_SURVIVORS = 1.5  # cprune_global: the layer-wise step keeps ceil(1.5 M) per layer
+
+
+def cprune_selection(config, features: np.ndarray, demo_index, keep: int, group_policy: str,
+                     scores_sha256: str | None, layers):
+    """Layer-wise C-Prune on the given demonstrations' features -> Selection (converters/
+    cprune_select.py without --global-keep-ratio, features restricted to `demo_index`)."""
+    subset = np.asarray(features[:, :, list(demo_index), :])
+    layerwise = layerwise_selection(subset, keep)
+    layout = exportable_layout(
+        [r.tolist() for r in layerwise.ranking], [keep] * len(layers), group_policy=group_policy,
+        n_routed_experts=config.n_routed_experts, n_group=config.n_group,
+        topk_group=config.topk_group, top_k=config.num_experts_per_tok)
+    return selection_from_kept(config, dict(zip(layers, layout.kept)), group_policy=group_policy,
+                               metric=METRIC, scores_sha256=scores_sha256)
+
+
+def group_rounded_counts(counts, multiple: int, caps) -> list[int]:
+    """Per-layer counts rounded to multiples of `multiple` with the same sum (the sum and every
+    cap must be multiples): round down, then give one `multiple` back to the layers with the
+    largest remainders (ties: the larger count, as the global step ranked it higher; then the
+    earlier layer), never above a layer's cap."""
+    counts = [int(c) for c in counts]
+    if sum(counts) % multiple or any(int(cap) % multiple for cap in caps):
+        raise SelectionError(f"cannot round counts {counts} to multiples of {multiple} with caps {list(caps)}")
+    rounded = [c - c % multiple for c in counts]
+    order = sorted(range(len(counts)), key=lambda i: (-(counts[i] % multiple), -counts[i], i))
+    for i in order[:(sum(counts) - sum(rounded)) // multiple]:
+        rounded[i] += multiple  # c % multiple > 0 and c <= cap, so this stays <= cap
+    return rounded
+
+
+def cprune_global_selection(config, features: np.ndarray, demo_index, keep: int, group_policy: str,
+                            scores_sha256: str | None, layers):
+    """C-Prune with the global step at an average of `keep` enabled experts per layer, exported
+    with `disable` slots: the layer-wise step keeps ceil(1.5 M) experts per layer (rounded up to a
+    routable count), the global step re-clusters those survivors of all layers together and keeps
+    M x layers of them; under equal-per-group the counts are rounded to multiples of n_group with
+    the same sum (`group_rounded_counts`)."""
+    subset = np.asarray(features[:, :, list(demo_index), :])
+    routing = dict(n_routed_experts=config.n_routed_experts, group_policy=group_policy,
+                   n_group=config.n_group, topk_group=config.topk_group, top_k=config.num_experts_per_tok)
+    survivors = feasible_count(min(config.n_routed_experts, math.ceil(GLOBAL_SURVIVORS * keep)), **routing)
+    layerwise = layerwise_selection(subset, survivors)
+    result = global_selection(subset, layerwise.kept, keep * len(layers),
+                              per_layer_min=feasible_count(1, **routing))
+    counts = result.counts
+    if group_policy == EQUAL_PER_GROUP and config.n_group > 1:
+        counts = group_rounded_counts(counts, config.n_group, [survivors] * len(counts))
+    rankings = [final_ranking(r, k) for r, k in zip(layerwise.ranking, result.kept)]
+    layout = exportable_layout(rankings, counts, uneven="disable", **routing)
+    return selection_from_kept(config, dict(zip(layers, layout.kept)), dict(zip(layers, layout.disabled)),
+                               group_policy=group_policy, metric=GLOBAL_METRIC, scores_sha256=scores_sha256)
+

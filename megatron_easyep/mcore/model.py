@@ -8,10 +8,23 @@ from __future__ import annotations
 
 import torch
 
-from megatron_easyep import mapping, megatron_patches
-from megatron_easyep.hf_checkpoint import CheckpointError, DeepseekV3Config, HFCheckpoint
+from megatron_easyep.mcore import mapping
+from megatron_easyep.mcore import patches
+from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config, HFCheckpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | None, cfg: DeepseekV3Config) -> torch.dtype:
+    """The compute dtype for `--dtype NAME`: fp32 on CPU when unset; on GPU the checkpoint's own
+    dtype (FP8 weights -> bf16)."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return torch.float32
+        name = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "bfloat16"
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.float32,
@@ -110,15 +123,15 @@ def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.floa
 
 
 def build_model(cfg: DeepseekV3Config, tcfg):
-    """GPTModel with Megatron-Core's local layer spec (MLA adapted in megatron_patches)."""
+    """GPTModel with Megatron-Core's local layer spec (MLA adapted in mcore.patches)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    megatron_patches.apply_all()
+    patches.apply_all()
     block_spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False,
                                             normalization="RMSNorm")
     for layer_spec in block_spec.layer_specs:
-        megatron_patches.adapt_local_layer_spec(layer_spec, tcfg)
+        patches.adapt_local_layer_spec(layer_spec, tcfg)
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=block_spec,
@@ -172,7 +185,7 @@ def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel
             source = mapping.hf_source(name, experts_per_rank=experts_per_rank, ep_rank=ep_rank)
         except KeyError:
             raise CheckpointError(f"Megatron parameter {name} has no entry in the HF name table "
-                                  "(megatron_easyep/mapping.py)") from None
+                                  "(megatron_easyep/mcore/mapping.py)") from None
         if source is None or not isinstance(target, torch.Tensor):
             continue
         for hf_name in source.names:
@@ -191,7 +204,7 @@ def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel
 def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_parallel: int = 1,
                         dispatcher: str = "alltoall", ep_rank: int | None = None):
     """Checkpoint dir -> (HFCheckpoint, loaded GPTModel in eval mode). parallel_state must be
-    initialised (see distributed.init_parallel)."""
+    initialised (see parallel.init_parallel)."""
     from megatron.core import parallel_state
 
     ckpt = HFCheckpoint(ckpt_dir)

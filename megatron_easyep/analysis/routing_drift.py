@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_easyep.megatron_patches import deepseek_group_limited_topk
+from megatron_easyep.mcore.patches import deepseek_group_limited_topk
 
 DRIFT_FORMAT = "megatron-easyep/routing-drift/1"
 DRIFT_FILE = "routing_drift.json"
@@ -162,7 +162,7 @@ class PrunedPlan:
 def load_pruned_plan(src_ckpt, pruned_dir) -> PrunedPlan:
     """Read and cross-check pruned_dir/pruning.json and pruned_dir/config.json against the source
     checkpoint. Raises RoutingDriftError (or CheckpointError) on anything inconsistent."""
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     src_cfg = DeepseekV3Config.load(src_ckpt)
     pruned_dir = Path(pruned_dir)
@@ -234,7 +234,7 @@ def load_pruned_plan(src_ckpt, pruned_dir) -> PrunedPlan:
 def _observe_routers(model, plan: PrunedPlan, state: dict, sums: dict):
     """Forward hooks on every MoE layer's router: route its input (this rank's real tokens, the
     first state["tokens"] rows) both ways and add the drift sums to sums[hf_layer]."""
-    from megatron_easyep.megatron_patches import iter_moe_layers
+    from megatron_easyep.mcore.patches import iter_moe_layers
 
     handles = []
     for index, layer in iter_moe_layers(model):
@@ -271,11 +271,10 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
     pruned_dir/routing_drift.json) through a temporary sibling."""
     import torch.distributed as dist
 
-    from megatron_easyep import demos as demos_lib
-    from megatron_easyep import distributed
-    from megatron_easyep import model as model_lib
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
-    from megatron_easyep.scoring import _resolve_dtype
+    from megatron_easyep.scoring import demos as demos_lib
+    from megatron_easyep.mcore import parallel
+    from megatron_easyep.mcore import model as model_lib
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     # every input check before the (slow) model load
     plan = load_pruned_plan(src_ckpt, pruned_dir)
@@ -287,13 +286,13 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
         raise RoutingDriftError(f"--output {output} is a directory")
     if not output.resolve().parent.is_dir():
         raise RoutingDriftError(f"the directory of --output {output} does not exist")
-    torch_dtype = _resolve_dtype(dtype, cfg)
+    torch_dtype = model_lib.resolve_dtype(dtype, cfg)
 
-    layout = distributed.init_parallel(expert_parallel, seed=seed)
+    layout = parallel.init_parallel(expert_parallel, seed=seed)
     _, model = model_lib.load_megatron_model(src_ckpt, dtype=torch_dtype,
                                              expert_parallel=expert_parallel, dispatcher=dispatcher)
     device = next(model.parameters()).device
-    from megatron_easyep.megatron_patches import iter_moe_layers
+    from megatron_easyep.mcore.patches import iter_moe_layers
 
     model_layers = [index for index, _ in iter_moe_layers(model)]
     sums = {index: [0.0] * (len(SUM_KEYS) + 1) for index in model_layers}
@@ -315,7 +314,7 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
             for step in range(steps):
                 demo = my_demos[step][1] if step < len(my_demos) else None
                 ids = list(demo.input_ids) if demo else []
-                length = distributed.max_over_world(len(ids), device)
+                length = parallel.max_over_world(len(ids), device)
                 state["tokens"] = len(ids)
                 model_lib.forward_padded(model, ids, length)
     finally:

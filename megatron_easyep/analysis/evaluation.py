@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_easyep import demos as demos_lib
+from megatron_easyep.scoring import demos as demos_lib
 
 
 @dataclass
@@ -41,17 +41,17 @@ class EvalError(ValueError):
 def run_evaluation(run: EvalRun) -> dict:
     """Returns {domain: {"tokens", "nll", "ppl"}} (on every rank); rank 0 prints the table and
     writes the logits file (tensors demo_{i} [T, vocab] fp32, in input order)."""
-    from megatron_easyep import distributed, model as model_lib
-    from megatron_easyep.hf_checkpoint import DeepseekV3Config
-    from megatron_easyep.scoring import _resolve_dtype
+    from megatron_easyep.mcore import parallel
+    from megatron_easyep.mcore import model as model_lib
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
     cfg = DeepseekV3Config.load(run.hf_checkpoint)
     baseline = _load_baseline(run.baseline) if run.baseline else None  # fail before any compute
     demo_list = demos_lib.load_demos(run.demos, run.hf_checkpoint, vocab_size=cfg.vocab_size,
                                      max_length=run.max_length)
     domains = list(dict.fromkeys(d.domain for d in demo_list))
-    layout = distributed.init_parallel(run.expert_parallel, seed=run.seed)
-    _, model = model_lib.load_megatron_model(run.hf_checkpoint, dtype=_resolve_dtype(run.dtype, cfg),
+    layout = parallel.init_parallel(run.expert_parallel, seed=run.seed)
+    _, model = model_lib.load_megatron_model(run.hf_checkpoint, dtype=model_lib.resolve_dtype(run.dtype, cfg),
                                              expert_parallel=run.expert_parallel,
                                              dispatcher=run.dispatcher)
     device = next(model.parameters()).device
@@ -64,7 +64,7 @@ def run_evaluation(run: EvalRun) -> dict:
         for step in range(steps):
             index, demo = my_demos[step] if step < len(my_demos) else (None, None)
             ids = list(demo.input_ids) if demo else []
-            length = distributed.max_over_world(len(ids), device)
+            length = parallel.max_over_world(len(ids), device)
             logits = model_lib.forward_padded(model, ids, length)[:len(ids)].float()
             if demo is None:
                 continue
@@ -89,7 +89,7 @@ def run_evaluation(run: EvalRun) -> dict:
         _print_table(results, baseline)
         if run.json_out:
             record = {"format": EVAL_FORMAT, "checkpoint": str(Path(run.hf_checkpoint).resolve()),
-                      "demos": list(run.demos), "dtype": str(_resolve_dtype(run.dtype, cfg)),
+                      "demos": list(run.demos), "dtype": str(model_lib.resolve_dtype(run.dtype, cfg)),
                       "max_length": run.max_length, "results": results}
             path = Path(run.json_out)
             tmp = path.with_name(f".{path.name}.tmp")

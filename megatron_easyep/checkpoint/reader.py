@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from megatron_easyep.fp8 import DEFAULT_BLOCK_SIZE, dequantize_fp8_blockwise
+from megatron_easyep.checkpoint.fp8_blocks import DEFAULT_BLOCK_SIZE, dequantize_fp8_blockwise
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from megatron_easyep.hf_checkpoint import (
+from megatron_easyep.checkpoint.reader import (
     CONFIG_FILE,
     INDEX_FILE,
     SINGLE_FILE,
@@ -44,8 +44,8 @@ from megatron_easyep.hf_checkpoint import (
     DeepseekV3Config,
     HFCheckpoint,
 )
-from megatron_easyep.preflight import PREFLIGHT_FILE, dumps_preflight, preflight_for_config
-from megatron_easyep.selection import (
+from megatron_easyep.pruning.preflight import PREFLIGHT_FILE, dumps_preflight, preflight_for_config
+from megatron_easyep.pruning.selection import (
     DISABLED_BIAS,
     RANDOM_METRIC,
     Selection,

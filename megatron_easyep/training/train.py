@@ -46,10 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_easyep import corpus as corpus_lib
-from megatron_easyep import hf_writer, megatron_patches
-from megatron_easyep.hf_checkpoint import DeepseekV3Config
-from megatron_easyep.tiny_checkpoint import move_into_place, build_config
+from megatron_easyep.training import corpus as corpus_lib
+from megatron_easyep.mcore import to_hf
+from megatron_easyep.mcore import patches
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
+from megatron_easyep.checkpoint.tiny import move_into_place, build_config
 
 # Model (config.json overrides of tiny_checkpoint's "tiny" preset) and training defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -150,20 +151,20 @@ def model_config(preset: str, vocab_size: int | None = None) -> dict:
 
 def build_training_model(cfg: DeepseekV3Config, *, seed: int, seq_aux_loss_coeff: float = 0.0):
     """GPTModel from model.py with random initialisation (global torch RNG seeded with `seed`)."""
-    from megatron_easyep.model import build_model, transformer_config
+    from megatron_easyep.mcore.model import build_model, transformer_config
 
     tcfg = transformer_config(cfg, dtype=torch.float32, expert_parallel=1)
     tcfg = dataclasses.replace(
         tcfg, perform_initialization=True,
         moe_router_load_balancing_type="seq_aux_loss" if seq_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=seq_aux_loss_coeff)
-    megatron_patches.seed_model_parallel_rng(seed)
+    patches.seed_model_parallel_rng(seed)
     model = build_model(cfg, tcfg)
     return model.train()
 
 
 def routers(model) -> list:
-    return [layer.mlp.router for _, layer in megatron_patches.iter_moe_layers(model)]
+    return [layer.mlp.router for _, layer in patches.iter_moe_layers(model)]
 
 
 @torch.no_grad()
@@ -215,7 +216,7 @@ def shift_expert_bias_nonnegative(model) -> dict[str, float]:
     experts as those that mask with -inf (Megatron, transformers 5) -- with a negative choice
     score a masked expert's 0.0 could win. Returns {router name: shift}."""
     shifts = {}
-    for index, layer in megatron_patches.iter_moe_layers(model):
+    for index, layer in patches.iter_moe_layers(model):
         bias = layer.mlp.router.expert_bias
         low = float(bias.min())
         if low < 0:
@@ -324,7 +325,7 @@ def evaluate(model, demos: dict[str, list[list[int]]], *, batch_size: int = 16,
     was_training = model.training
     model.eval()
     stats = RoutingStats() if routing else None
-    detach = megatron_patches.attach_moe_observers(model, stats.observe) if routing else None
+    detach = patches.attach_moe_observers(model, stats.observe) if routing else None
     device = next(model.parameters()).device
     results = {}
     try:
@@ -434,8 +435,8 @@ def run_training(tc: TrainConfig) -> dict:
 
 
 def _run_training(tc: TrainConfig) -> dict:
-    from megatron_easyep.distributed import init_parallel
-    from megatron_easyep.model import load_megatron_model
+    from megatron_easyep.mcore.parallel import init_parallel
+    from megatron_easyep.mcore.model import load_megatron_model
 
     if tc.output is None:
         raise ValueError("an output directory is required")
@@ -535,11 +536,11 @@ def _run_training(tc: TrainConfig) -> dict:
 
         # write: Megatron state, HF BF16 (and FP8), then measure what was written
         t0 = time.time()
-        hf_writer.save_megatron_state(model, config, tmp_dir / "megatron", tokenizer_json=tokenizer_json)
-        written = {"bf16": hf_writer.write_hf_checkpoint(model, config, tmp_dir / "hf", dtype="bfloat16",
+        to_hf.save_megatron_state(model, config, tmp_dir / "megatron", tokenizer_json=tokenizer_json)
+        written = {"bf16": to_hf.write_hf_checkpoint(model, config, tmp_dir / "hf", dtype="bfloat16",
                                                          num_shards=tc.num_shards, tokenizer_json=tokenizer_json)}
         if tc.fp8:
-            written["fp8"] = hf_writer.write_hf_checkpoint(
+            written["fp8"] = to_hf.write_hf_checkpoint(
                 model, config, tmp_dir / "hf-fp8", dtype="bfloat16", fp8=True,
                 weight_block_size=tc.fp8_block_size, num_shards=tc.num_shards, tokenizer_json=tokenizer_json)
         timings["write_s"] = round(time.time() - t0, 2)

@@ -1,0 +1,149 @@
+"""The expert scorer: per-token quantities from the MoE hooks -> metrics -> per-rank sums.
+
+Each MoE layer, on each rank, after its routed output is combined (mcore.patches hook points):
+  * s_t for this rank's tokens from the residual h and the routed output (h~ = h + routed);
+  * s_t, the token's domain and the routing map are all-gathered over the expert-parallel group,
+    so the rank can tell which token each of its expert rows belongs to: the dispatcher lays out
+    a local expert's rows as the EP group's tokens routed to it, source rank by source rank, in
+    token order (allgather and alltoall alike), which is the order of
+    routing_map_of_group[:, local_experts].T.nonzero();
+  * each row gives g (the row's prob) and ||e|| = ||row|| / g (Megatron multiplies the expert
+    output by g inside the expert), and metrics.expert_scores sums them per (domain, expert).
+Sums are kept online in float64 per rank (only local experts are filled), and all-reduced once
+over the world at the end: every (token, expert) pair is counted exactly once, on the rank that
+owns the expert within the token's EP group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_easyep.mcore import patches
+from megatron_easyep.scoring import metrics
+
+
+class ExpertScorer:
+    """Online per-(domain, metric, layer, expert) sums for one model on one rank."""
+
+    def __init__(self, moe_layer_indices: list[int], num_experts: int, domains: list[str],
+                 ep_group=None, device="cpu", pool_inputs: bool = False):
+        self.layer_row = {layer: row for row, layer in enumerate(moe_layer_indices)}
+        # C-Prune: per demonstration, the mean of its MoE inputs in every MoE layer [L, H]
+        self.pool_inputs = pool_inputs
+        self.pooled_inputs: dict[int, torch.Tensor] = {}
+        self.demo_index: int | None = None
+        self.num_experts = num_experts
+        self.domains = domains
+        self.ep_group = ep_group
+        self.sums = torch.zeros(len(domains), len(metrics.METRICS), len(moe_layer_indices),
+                                num_experts, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(len(domains), dtype=torch.float64, device=device)
+        self.token_domain: torch.Tensor | None = None  # [T] domain index, -1 = padding
+        self._local_id_cache: dict = {}
+
+    def begin_step(self, token_domain: torch.Tensor, demo_index: int | None = None) -> None:
+        self.token_domain = token_domain
+        self.demo_index = demo_index
+        counts = torch.bincount(token_domain + 1, minlength=len(self.domains) + 1)  # 0 = padding
+        self.tokens += counts[1:].to(self.tokens)
+
+    def observe(self, layer_index: int, obs: patches.MoEObservation) -> None:
+        if self.pool_inputs and self.demo_index is not None:
+            valid = self.token_domain >= 0
+            pooled = self.pooled_inputs.setdefault(
+                self.demo_index, torch.zeros(len(self.layer_row), obs.moe_input.shape[-1],
+                                             dtype=torch.float32))
+            pooled[self.layer_row[layer_index]] = obs.moe_input[valid].float().mean(0).cpu()
+        s = metrics.token_contribution(obs.residual, obs.residual + obs.routed_output)
+        packed = torch.cat([s.double()[:, None], self.token_domain.double()[:, None].to(s.device),
+                            obs.routing_map.double()], dim=1)
+        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+            parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(self.ep_group))]
+            dist.all_gather(parts, packed.contiguous(), group=self.ep_group)
+            packed = torch.cat(parts, dim=0)
+        s_group, domain_group, routing_group = packed[:, 0], packed[:, 1].long(), packed[:, 2:]
+
+        local = self._local_ids(obs.local_expert_ids, packed.device)
+        rows = obs.expert_rows
+        routed_here = routing_group[:, local].bool().T  # [E_local, T_group]
+        # Rows are grouped by local expert, tokens in EP-group order: exactly the order of
+        # routed_here.nonzero(). nonzero_static with the known row count avoids a GPU sync;
+        # on CPU we also check the count (free there).
+        if not rows.is_cuda and int(routed_here.sum()) != rows.shape[0]:
+            raise RuntimeError(
+                f"layer {layer_index}: {rows.shape[0]} expert rows but the routing map routes "
+                f"{int(routed_here.sum())} tokens to this rank's experts; the dispatcher's row "
+                "layout is not what megatron_easyep.scoring.run assumes")
+        local_expert, token = torch.nonzero_static(routed_here, size=rows.shape[0]).unbind(1)
+        gate = obs.row_probs.float()
+        out_norm = rows.float().norm(dim=-1)
+        expert_out_norm = torch.where(gate > 0, out_norm / gate.clamp_min(1e-30),
+                                      torch.zeros_like(out_norm))
+        # padding tokens (domain -1) land in one extra bin that is dropped
+        domain = domain_group[token]
+        num_bins = len(self.domains) * self.num_experts
+        bins = torch.where(domain >= 0, domain * self.num_experts + local[local_expert], num_bins)
+        sums = metrics.expert_scores(bins, gate, expert_out_norm, s_group[token], num_bins + 1)
+        row = self.layer_row[layer_index]
+        for m, name in enumerate(metrics.METRICS):
+            self.sums[:, m, row] += sums[name][:num_bins].view(len(self.domains),
+                                                               self.num_experts)
+
+    def _local_ids(self, ids: list[int], device) -> torch.Tensor:
+        key = (tuple(ids), str(device))
+        if key not in self._local_id_cache:
+            self._local_id_cache[key] = torch.tensor(ids, device=device)
+        return self._local_id_cache[key]
+
+    def all_reduce(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.sums)
+            dist.all_reduce(self.tokens)
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.cpu(), "tokens": self.tokens.cpu(),
+                "pooled_inputs": dict(self.pooled_inputs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums.copy_(state["sums"])
+        self.tokens.copy_(state["tokens"])
+        self.pooled_inputs = dict(state.get("pooled_inputs", {}))
+
+    def score_tensors(self) -> dict[str, torch.Tensor]:
+        """{metric: [L, E]} over all domains and {metric@domain: [L, E]}."""
+        out = {}
+        for m, name in enumerate(metrics.METRICS):
+            out[name] = self.sums[:, m].sum(dim=0).cpu().contiguous()
+            for d, domain in enumerate(self.domains):
+                out[f"{name}@{domain}"] = self.sums[d, m].cpu().contiguous()
+        return out
+
+
+@torch.no_grad()
+def cprune_expert_features(model, scorer: ExpertScorer, num_demos: int) -> dict | None:
+    """C-Prune's expert features (arXiv 2504.07807): every expert run on the mean-pooled MoE
+    input of every demonstration. Pooled inputs come from the scoring forward; each rank runs
+    its own experts on all of them, and rank 0 gathers {"features": [L, E, N, H],
+    "pooled_inputs": [L, N, H]} (float32; N = demonstrations in input order)."""
+    from megatron.core import parallel_state
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, scorer.pooled_inputs)
+    by_demo = {k: v for part in gathered for k, v in part.items()}
+    if sorted(by_demo) != list(range(num_demos)):
+        raise RuntimeError("C-Prune: pooled inputs are missing for some demonstrations")
+    pooled = torch.stack([by_demo[i] for i in range(num_demos)], dim=1)  # [L, N, H]
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    features = []
+    for row, (_, layer) in enumerate(patches.iter_moe_layers(model)):
+        experts = patches.local_experts(layer.mlp)
+        param = next(experts[0].parameters())
+        x = pooled[row].to(device=param.device, dtype=param.dtype)
+        local = torch.stack([expert(x)[0].float() for expert in experts])  # [E_local, N, H]
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(ep_group))]
+        dist.all_gather(parts, local.contiguous(), group=ep_group)
+        features.append(torch.cat(parts).cpu())  # EP ranks hold contiguous global id blocks
+    if dist.get_rank() != 0:
+        return None
+    return {"features": torch.stack(features).contiguous(), "pooled_inputs": pooled.contiguous()}
