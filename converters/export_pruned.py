@@ -3,7 +3,7 @@
     python converters/export_pruned.py --hf-checkpoint SRC --scores SCORE_DIR --output DST \
         --keep 128 --metric easyep [--domains math,code --domain-weights 1,2] \
         [--group-policy equal-per-group|collapse] [--target-ep 8] [--seed 0] \
-        [--mtp prune|drop] [--overwrite]
+        [--mtp prune|drop] [--allow-unexpected-tensors] [--overwrite]
 
 The library does the work (megatron_easyep.pruning.selection, .export, .preflight); this file only
 parses arguments. Any problem with the request is reported on stderr with exit code 2, before
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random metric")
     parser.add_argument("--mtp", choices=MTP_ACTIONS, default="prune",
                         help="prune the MTP layer with the same rule (default) or drop it")
+    parser.add_argument("--allow-unexpected-tensors", action="store_true",
+                        help="accept tensors the config does not describe (vendor extras; copied verbatim)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             selection,
             mtp=args.mtp,
             overwrite=args.overwrite,
+            allow_unexpected=args.allow_unexpected_tensors or None,
             log=lambda message: print(message, file=sys.stderr),
         )
     except (ValueError, OSError) as err:  # CheckpointError, SelectionError, ExportError, I/O

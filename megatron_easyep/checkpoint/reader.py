@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
+import struct
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from megatron_easyep.checkpoint.fp8_blocks import DEFAULT_BLOCK_SIZE, dequantize_fp8_blockwise
+from megatron_easyep.checkpoint.inventory import expected_tensors
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,6 +44,21 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+# bytes per element of safetensors dtypes (sub-byte types are not supported)
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "I64": 8, "U64": 8,
+    "F32": 4, "I32": 4, "U32": 4,
+    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+# Set to 1 to accept tensors the config does not describe (vendor extras); the flag
+# --allow-unexpected-tensors of the converters does the same for one call.
+ALLOW_UNEXPECTED_ENV = "EASYEP_ALLOW_UNEXPECTED_TENSORS"
+_PROBLEMS_SHOWN = 5
 
 
 class CheckpointError(ValueError):
@@ -303,8 +321,46 @@ class DeepseekV3Config:
 
     @property
     def config_hash(self) -> str:
+        """sha256 of config.json as written: every key, storage format included."""
         canonical = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """Every parsed field that changes the computation (shapes, routing, rope, norms, vocab,
+        MTP), normalised, without the storage format (torch_dtype, quantization_config): a BF16
+        copy of an FP8 checkpoint has the same architecture. hidden_act and attention_bias are
+        not parsed (the model supports silu / no bias only) but are part of the computation."""
+        storage_or_bookkeeping = {"weight_block_size", "torch_dtype", "raw", "source"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in storage_or_bookkeeping}
+        fields["hidden_act"] = self.raw.get("hidden_act", "silu")
+        fields["attention_bias"] = self.raw.get("attention_bias", False)
+        return fields
+
+    @property
+    def architecture_hash(self) -> str:
+        canonical = json.dumps(self.architecture, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def storage_format(self) -> dict[str, Any]:
+        """How the weights are stored: {"dtype": ..., "quantization": null or DeepSeek's FP8 blocks}."""
+        quantization = None
+        if self.weight_block_size is not None:
+            quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(self.weight_block_size)}
+        return {"dtype": self.torch_dtype, "quantization": quantization}
+
+
+def describe_storage(storage: dict[str, Any] | None) -> str:
+    """One phrase for a `DeepseekV3Config.storage_format` dict: "bfloat16" or "fp8 e4m3 (128x128 blocks)"."""
+    if not storage:
+        return "an unrecorded storage format"
+    quantization = storage.get("quantization")
+    if quantization:
+        block = quantization.get("weight_block_size") or ["?", "?"]
+        return f"{quantization.get('quant_method', 'fp8')} {quantization.get('fmt', 'e4m3')} ({block[0]}x{block[1]} blocks)"
+    return str(storage.get("dtype"))
 
 
 def _normalise_rope(d: dict, values: dict, fail) -> dict | None:
@@ -371,6 +427,58 @@ def _parse_quantization(qc, fail) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as a safetensors header describes it; begin/end are absolute file offsets."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: pathlib.Path) -> tuple[dict[str, StoredTensor], dict[str, str] | None]:
+    """(name -> StoredTensor, __metadata__) from a shard's header; no tensor data is read."""
+    path = pathlib.Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                raise CheckpointError(f"shard file {path} is too short to be safetensors")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(_MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"shard file {path} has a corrupt safetensors header length (truncated file?)")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"shard file {path} has a corrupt safetensors header: {err}") from err
+    except FileNotFoundError:
+        raise CheckpointError(f"shard file {path} does not exist") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"shard file {path} has a corrupt safetensors header (not an object)")
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None)
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            dtype, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"shard file {path} has a corrupt header entry for tensor {name}") from None
+        if not 0 <= begin <= end <= size - data_start:
+            raise CheckpointError(f"tensor {name} in {path} points outside the file (truncated shard?)")
+        tensors[name] = StoredTensor(dtype, shape, data_start + begin, data_start + end)
+    return tensors, metadata
+
+
+def _allow_unexpected_default() -> bool:
+    return os.environ.get(ALLOW_UNEXPECTED_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 class HFCheckpoint:
     """A DeepSeek-V3 HF checkpoint directory, read lazily one tensor at a time.
 
@@ -378,7 +486,10 @@ class HFCheckpoint:
     loaded from disk (scale tensors included), ``read_names`` lists them in order.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, check: bool = True, allow_unexpected: bool | None = None):
+        """Open ``path``; with ``check`` (the default) the index and shard headers are checked
+        against each other and against config.json first (`check_inventory`). ``allow_unexpected``
+        accepts tensors the config does not describe; None takes $EASYEP_ALLOW_UNEXPECTED_TENSORS."""
         self.path = pathlib.Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory {self.path} does not exist")
@@ -388,6 +499,102 @@ class HFCheckpoint:
         self.tensors_read = 0
         self.bytes_read = 0
         self.read_names: list[str] = []
+        self.unexpected: list[str] = []  # tensors accepted by allow_unexpected
+        if check:
+            if allow_unexpected is None:
+                allow_unexpected = _allow_unexpected_default()
+            self.unexpected = self.check_inventory(allow_unexpected=allow_unexpected)
+
+    def check_inventory(self, *, allow_unexpected: bool = False) -> list[str]:
+        """Index <-> shard headers <-> config, from the headers only (no tensor data is read):
+        every index entry is in the shard it names, every shard tensor is in the index, the
+        index's total_size matches, every tensor the model needs is there, every FP8 weight has a
+        scale of the right grid, and nothing else is (unless allow_unexpected; MTP layers, rotary
+        buffers and scales are known extras). Raises CheckpointError naming tensors and files;
+        returns the unexpected tensors that allow_unexpected let through."""
+        index_path = self.path / INDEX_FILE
+        has_index = index_path.is_file()
+        headers = {shard: read_safetensors_header(self.path / shard)[0]
+                   for shard in sorted(set(self.weight_map.values()))}
+        holders: dict[str, list[str]] = {}
+        for shard, tensors in headers.items():
+            for name in tensors:
+                holders.setdefault(name, []).append(shard)
+        problems: list[str] = []
+
+        for name, shard in sorted(self.weight_map.items()):
+            if name not in headers[shard]:
+                elsewhere = [s for s in holders.get(name, []) if s != shard]
+                problems.append(f"{index_path} lists tensor {name} in {shard}, which does not hold it"
+                                + (f" (it is in {', '.join(elsewhere)})" if elsewhere else ""))
+        for shard, tensors in headers.items():
+            for name, stored in tensors.items():
+                listed = self.weight_map.get(name)
+                if listed != shard:
+                    problems.append(f"shard file {self.path / shard} holds tensor {name}, which {index_path} "
+                                    + ("does not list" if listed is None else f"places in {listed}"))
+                itemsize = SAFETENSORS_ITEMSIZE.get(stored.dtype)
+                if itemsize is None or math.prod(stored.shape) * itemsize != stored.nbytes:
+                    problems.append(f"tensor {name} in {self.path / shard}: dtype {stored.dtype} / shape "
+                                    f"{stored.shape} do not match its {stored.nbytes} bytes")
+
+        expected = expected_tensors(self.config)
+        for name in sorted(expected.required - set(self.weight_map)):
+            where = index_path if has_index else self.path / SINGLE_FILE
+            problems.append(f"tensor {name}, which {self.config.source} requires, is in no shard "
+                            f"(not in {where})")
+        unexpected = []
+        block = self.config.weight_block_size or DEFAULT_BLOCK_SIZE
+        for name, shard in sorted(self.weight_map.items()):
+            stored = headers[shard].get(name)
+            if name.endswith(SCALE_SUFFIX):
+                weight = name[: -len(SCALE_SUFFIX)]
+                if weight in self.weight_map and expected.is_known(weight):
+                    continue
+            elif expected.is_known(name):
+                if stored is not None and stored.dtype in FP8_DTYPES:
+                    problems += self._scale_problems(name, stored, shard, headers, block)
+                continue
+            unexpected.append(name)
+            if not allow_unexpected:
+                where = self.path / shard if stored is not None else f"the entry of {INDEX_FILE}"
+                problems.append(f"tensor {name} in {where} is not part of the model "
+                                f"{self.config.source} describes (a damaged or foreign index or shard; "
+                                f"set {ALLOW_UNEXPECTED_ENV}=1 or pass --allow-unexpected-tensors "
+                                f"to accept vendor extras)")
+
+        if has_index:
+            total_size = self._index_metadata(index_path).get("total_size")
+            if total_size is not None:
+                held = sum(headers[shard][name].nbytes for name, shard in self.weight_map.items()
+                           if name in headers[shard])
+                if not isinstance(total_size, int) or isinstance(total_size, bool) or total_size != held:
+                    problems.append(f"{index_path}: metadata.total_size is {total_size!r} but the tensors "
+                                    f"it lists hold {held} bytes (damaged or hand-edited index)")
+        if problems:
+            more = len(problems) - _PROBLEMS_SHOWN
+            raise CheckpointError(f"{self.path} fails the index/shard check: " + "; ".join(problems[:_PROBLEMS_SHOWN])
+                                  + (f"; and {more} more problem(s)" if more > 0 else ""))
+        return unexpected
+
+    def _scale_problems(self, name, stored, shard, headers, block) -> list[str]:
+        scale_name = scale_inv_name(name)
+        scale_shard = self.weight_map.get(scale_name)
+        scale = headers[scale_shard].get(scale_name) if scale_shard else None
+        if scale is None:
+            return [f"FP8 tensor {name} in {self.path / shard} has no {scale_name} in the checkpoint"]
+        if len(stored.shape) == 2:
+            grid = (math.ceil(stored.shape[0] / block[0]), math.ceil(stored.shape[1] / block[1]))
+            if scale.shape != grid:
+                return [f"FP8 tensor {name} {stored.shape} in {self.path / shard}: {scale_name} has shape "
+                        f"{scale.shape}, expected {grid} for {block[0]}x{block[1]} blocks"]
+        return []
+
+    @staticmethod
+    def _index_metadata(index_path: pathlib.Path) -> dict:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        metadata = index.get("metadata")
+        return metadata if isinstance(metadata, dict) else {}
 
     def _load_weight_map(self) -> dict[str, str]:
         index_path = self.path / INDEX_FILE

@@ -39,16 +39,21 @@ import torch
 from megatron_easyep.checkpoint.reader import (
     CONFIG_FILE,
     INDEX_FILE,
+    SAFETENSORS_ITEMSIZE as _ITEMSIZE,
     SINGLE_FILE,
     CheckpointError,
     DeepseekV3Config,
     HFCheckpoint,
+    StoredTensor as _StoredTensor,
+    read_safetensors_header as _read_safetensors_header,
 )
 from megatron_easyep.pruning.preflight import PREFLIGHT_FILE, dumps_preflight, preflight_for_config
 from megatron_easyep.pruning.selection import (
     DISABLED_BIAS,
     RANDOM_METRIC,
     Selection,
+    SelectionError,
+    check_model_identity,
     pruned_routing_groups,
     validate_disabled,
     validate_feasibility,
@@ -63,14 +68,6 @@ MTP_FALLBACK_RULE = (
     "layers, so this keeps the MTP layer consistent and servable but is not an importance estimate"
 )
 
-# bytes per element of safetensors dtypes (sub-byte types are not supported for slicing)
-_ITEMSIZE = {
-    "F64": 8, "I64": 8, "U64": 8,
-    "F32": 4, "I32": 4, "U32": 4,
-    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 _COPY_CHUNK = 64 * 1024 * 1024
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -88,38 +85,6 @@ class ExportError(ValueError):
 # --------------------------------------------------------------------------------------------
 # safetensors headers (read and written here so tensors move as bytes)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _StoredTensor:
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # absolute file offset
-    end: int
-
-
-def _read_safetensors_header(path: Path) -> tuple[dict[str, _StoredTensor], dict[str, str] | None]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise CheckpointError(f"shard file {path} is too short to be safetensors")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(_MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"shard file {path} has a corrupt safetensors header length")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"shard file {path} has a corrupt safetensors header: {err}") from err
-    data_start = 8 + header_len
-    metadata = header.pop("__metadata__", None)
-    tensors = {}
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        if not 0 <= begin <= end <= size - data_start:
-            raise CheckpointError(f"tensor {name} in {path} points outside the file")
-        tensors[name] = _StoredTensor(entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end)
-    return tensors, metadata
 
 
 @dataclass(frozen=True)
@@ -330,11 +295,11 @@ def _validate_selection(
 ) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
     """Check the selection against the checkpoint; returns (layer -> kept ids, layer -> disabled
     ids) for the layers written."""
-    if selection.config_hash != config.config_hash:
-        raise ExportError(
-            f"the selection's score file was made for a different checkpoint (config hash "
-            f"{selection.config_hash[:12]}..., source {config.config_hash[:12]}...)"
-        )
+    try:
+        check_model_identity("the selection's score file", selection.config_hash, selection.architecture_hash,
+                             selection.storage_format, config)
+    except SelectionError as err:
+        raise ExportError(str(err)) from err
     if selection.n_routed_experts != config.n_routed_experts:
         raise ExportError(f"selection is for {selection.n_routed_experts} experts, source has {config.n_routed_experts}")
     validate_feasibility(
@@ -429,6 +394,7 @@ def export_pruned(
     *,
     mtp: str = "prune",
     overwrite: bool = False,
+    allow_unexpected: bool | None = None,
     log=None,
 ) -> ExportReport:
     """Write a pruned copy of the HF checkpoint `src_dir` to `dst_dir` (see the module docstring).
@@ -436,15 +402,23 @@ def export_pruned(
     mtp="prune" prunes the MTP layer(s) with the selection's ids for them; mtp="drop" removes
     their tensors and sets num_nextn_predict_layers to 0. Raises ExportError / CheckpointError
     (both ValueError) before anything is created when the request cannot be honoured.
+    The source passes HFCheckpoint's index/shard check first; `allow_unexpected` lets tensors
+    the config does not describe through (copied verbatim, listed in pruning.json).
+    Scores made on another storage format of the same architecture (a BF16 copy of an FP8
+    checkpoint, or the reverse) are accepted with a one-line note (`log`, and pruning.json).
     """
     started = time.perf_counter()
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
     if mtp not in MTP_ACTIONS:
         raise ExportError(f"unknown MTP action {mtp!r}; choose one of {list(MTP_ACTIONS)}")
     _check_paths(src, dst, overwrite)
-    checkpoint = HFCheckpoint(src)
+    checkpoint = HFCheckpoint(src, allow_unexpected=allow_unexpected)
     config = checkpoint.config
     layer_kept, layer_disabled = _validate_selection(selection, config, mtp)
+    identity_note = check_model_identity("the score file", selection.config_hash, selection.architecture_hash,
+                                         selection.storage_format, config)
+    if identity_note and log:
+        log(identity_note)
     mtp_layers = list(config.mtp_layer_ids)
     present = {int(m.group(1)) for m in map(_LAYER_NAME.match, checkpoint.weight_map) if m}
     absent_mtp = [layer for layer in mtp_layers if layer not in present]
@@ -468,11 +442,21 @@ def export_pruned(
         "source": {
             "path": str(src),
             "config_hash": config.config_hash,
+            "architecture_hash": config.architecture_hash,
+            "storage_format": config.storage_format,
             "n_routed_experts": config.n_routed_experts,
             "n_group": config.n_group,
             "topk_group": config.topk_group,
+            "unexpected_tensors": list(checkpoint.unexpected),  # let through by allow_unexpected
         },
         "scores_sha256": selection.scores_sha256,
+        # the checkpoint the scores were made on (architecture_hash null: an older score file)
+        "scores_checkpoint": {
+            "config_hash": selection.config_hash,
+            "architecture_hash": selection.architecture_hash,
+            "storage_format": selection.storage_format,
+        },
+        "identity_note": identity_note,
         "metric": selection.metric,
         "domains": list(selection.domains) if selection.domains is not None else None,
         "domain_weights": list(selection.domain_weights) if selection.domain_weights is not None else None,

@@ -11,8 +11,16 @@ Score file (written by the scoring step, read here)
 `{metric}@{domain}`, each [num_scored_layers, n_routed_experts] float64 (float32 accepted).
 `DIR/scores.json`: {"format": "megatron-easyep-scores/1", "layers": [HF layer index per row],
 "metrics": [...], "domains": [...], "tokens": {"all": N, "<domain>": n}, "config_hash": ...,
-...provenance}. `scores.json` is written last and records the sha256 of the tensor file, so a torn
-pair (a crash between the two writes) is detected on load.
+"architecture_hash": ..., "storage_format": {...}, ...provenance}. `scores.json` is written last
+and records the sha256 of the tensor file, so a torn pair (a crash between the two writes) is
+detected on load.
+
+Model identity (`check_model_identity`): a score file belongs to a checkpoint when their
+config.json hashes agree or, for score files that record one, when their architecture hashes agree
+(`DeepseekV3Config.architecture_hash`: every field that changes the computation, not the storage
+format). Scores made on a BF16 copy of an FP8 checkpoint therefore prune the FP8 original (and the
+other way round), with a one-line note. A score file that records only config_hash (older
+versions) needs an identical config.json.
 
 Group policies (DeepSeek group-limited routing views the E router scores as [n_group, E/n_group]
 contiguous id blocks; see shared/reference/deepseek-checkpoint.md):
@@ -59,6 +67,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_easyep.checkpoint.reader import describe_storage
+
 if TYPE_CHECKING:  # only for type hints; the config object comes from hf_checkpoint
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
@@ -98,6 +108,8 @@ class ScoreFile:
     sha256: str  # of scores.safetensors, for provenance
     tensors: dict[str, torch.Tensor] = field(repr=False)  # "{metric}" / "{metric}@{domain}"
     meta: dict[str, Any] = field(repr=False)  # scores.json as written
+    architecture_hash: str | None = None  # None: an older score file (config_hash only)
+    storage_format: dict[str, Any] | None = None  # DeepseekV3Config.storage_format of the scored copy
 
     @property
     def n_routed_experts(self) -> int:
@@ -143,12 +155,16 @@ def write_score_file(
     *,
     tokens: Mapping[str, int] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    architecture_hash: str | None = None,
+    storage_format: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `scores.safetensors` + `scores.json` into `directory` (created if missing).
 
     `scores` maps "{metric}" / "{metric}@{domain}" to [len(layers), n_routed_experts] tensors
     (stored float64). Each file is written to a temporary sibling and renamed; the json, which
     records the tensor file's sha256, goes last so readers never see a mismatched pair.
+    `architecture_hash` / `storage_format` (DeepseekV3Config's) let the scores prune another
+    storage format of the same model; without them only an identical config.json matches.
     """
     directory = Path(directory)
     layers = [int(layer) for layer in layers]
@@ -188,6 +204,10 @@ def write_score_file(
             "tensors_sha256": tensors_sha256,
         }
     )
+    if architecture_hash is not None:
+        meta["architecture_hash"] = architecture_hash
+    if storage_format is not None:
+        meta["storage_format"] = dict(storage_format)
     _atomic_write_bytes(directory / SCORE_META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return directory
 
@@ -255,7 +275,41 @@ def load_scores(directory: str | os.PathLike) -> ScoreFile:
         sha256=sha256,
         tensors=tensors,
         meta=meta,
+        architecture_hash=str(meta["architecture_hash"]) if meta.get("architecture_hash") else None,
+        storage_format=meta.get("storage_format") if isinstance(meta.get("storage_format"), dict) else None,
     )
+
+
+def check_model_identity(
+    what: str,
+    config_hash: str,
+    architecture_hash: str | None,
+    storage_format: Mapping[str, Any] | None,
+    config: DeepseekV3Config,
+) -> str | None:
+    """Does something made on the checkpoint (config_hash, architecture_hash, storage_format)
+    belong to `config`'s checkpoint? SelectionError when not; a one-line note when it is the same
+    architecture with another storage format (or other non-computational config keys); None when
+    config.json is the same."""
+    if config_hash == config.config_hash:
+        return None
+    if architecture_hash is None:
+        raise SelectionError(
+            f"{what} was made for a different checkpoint (config hash {config_hash[:12]}..., this "
+            f"checkpoint's is {config.config_hash[:12]}...; it records no architecture hash, so only an "
+            f"identical config.json matches)"
+        )
+    if architecture_hash != config.architecture_hash:
+        raise SelectionError(
+            f"{what} was made for a different checkpoint (architecture hash {architecture_hash[:12]}..., "
+            f"this checkpoint's is {config.architecture_hash[:12]}...: shapes, routing, rope, norms or "
+            f"vocabulary differ)"
+        )
+    theirs, ours = describe_storage(storage_format), describe_storage(config.storage_format)
+    if storage_format is not None and dict(storage_format) == config.storage_format:
+        return (f"{what} was made on a checkpoint of the same architecture and storage ({ours}) whose "
+                f"config.json differs only in keys that do not change the computation")
+    return f"{what} was made on a {theirs} copy of this architecture; this checkpoint stores {ours} (same model, other storage format)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +337,9 @@ class Selection:
     # HF layer index -> original ids kept as weights but never routed (a subset of kept[layer],
     # ascending); the exporter writes their bias as DISABLED_BIAS. Empty for every layer alike.
     disabled: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # of the checkpoint the scores came from; None: an older score file (config_hash must match)
+    architecture_hash: str | None = None
+    storage_format: dict[str, Any] | None = None
 
     def enabled(self, layer: int) -> tuple[int, ...]:
         """Kept ids of `layer` that routing can select (kept minus disabled), ascending."""
@@ -301,6 +358,8 @@ class Selection:
             "domain_weights": list(self.domain_weights) if self.domain_weights is not None else None,
             "seed": self.seed,
             "config_hash": self.config_hash,
+            "architecture_hash": self.architecture_hash,
+            "storage_format": self.storage_format,
             "scores_sha256": self.scores_sha256,
             "fallback_layers": list(self.fallback_layers),
             "disabled_experts": {str(layer): list(ids) for layer, ids in sorted(self.disabled.items()) if ids},
@@ -494,6 +553,8 @@ def select_experts(
         scores_sha256=scores.sha256,
         # random draws a row for every layer alike: no layer needs the fallback rule
         fallback_layers=tuple(sorted(fallback_layers)) if metric != RANDOM_METRIC else (),
+        architecture_hash=scores.architecture_hash,
+        storage_format=scores.storage_format,
     )
 
 
@@ -512,14 +573,12 @@ def select_for_checkpoint(
 ) -> Selection:
     """select_experts with the routing values and layer list taken from the checkpoint's config.
 
-    Checks that the score file belongs to this checkpoint (config hash, expert count, a row for
+    Checks that the score file belongs to this checkpoint (`check_model_identity`: the same
+    config.json, or the same architecture in another storage format; expert count; a row for
     every MoE layer); MTP layers without a row get the fallback rule.
     """
-    if scores.config_hash != config.config_hash:
-        raise SelectionError(
-            f"the score file {scores.directory} was made for a different checkpoint "
-            f"(config hash {scores.config_hash[:12]}..., this checkpoint's is {config.config_hash[:12]}...)"
-        )
+    check_model_identity(f"the score file {scores.directory}", scores.config_hash, scores.architecture_hash,
+                         scores.storage_format, config)
     if scores.n_routed_experts != config.n_routed_experts:
         raise SelectionError(
             f"score rows have {scores.n_routed_experts} experts, the checkpoint has {config.n_routed_experts}"
@@ -691,6 +750,8 @@ def selection_from_kept(
         scores_sha256=scores_sha256,
         fallback_layers=tuple(sorted(int(layer) for layer in fallback_layers)),
         disabled=dict(sorted(disabled.items())),
+        architecture_hash=config.architecture_hash,
+        storage_format=config.storage_format,
     )
 
 
