@@ -9,17 +9,13 @@ rotary ``inv_freq`` buffers that older exports saved. FP8 ``*_scale_inv`` compan
 stored dtypes, not the config, so `HFCheckpoint` checks them against the shard headers.
 
 Pure name logic: no file is read here (HFCheckpoint compares these names with the index and the
-shard headers at open).
+shard headers at open). `config` is a reader.DeepseekV3Config, not imported: reader imports this.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
 # Rotary buffers some exports include (transformers < 4.40 saved inv_freq with the weights).
 _ROTARY_BUFFER = re.compile(r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
