@@ -5,7 +5,7 @@ PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test tools
+.PHONY: setup demo test tools gpu-wheels
 
 $(STAMP): pyproject.toml
 	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it)"; exit 1; }
@@ -25,3 +25,7 @@ tools:
 
 test: $(STAMP) tools
 	$(VENV)/bin/python -m pytest -q tests
+
+# megatron-core as a wheel for the lent GPU machine (bench/gpu_check.sh; nothing is installable there)
+gpu-wheels: $(STAMP)
+	$(VENV)/bin/pip download -q --no-deps -d wheels megatron-core==0.19.2

@@ -20,6 +20,16 @@ def parse_args(argv=None):
     parser.add_argument("--demos", action="append", help="FILE or FILE:DOMAIN (repeatable)")
     parser.add_argument("--output")
     parser.add_argument("--expert-parallel", type=int)
+    parser.add_argument("--pipeline-parallel", type=int,
+                        help="pipeline stages (must divide the number of ranks; EP groups stay inside a stage)")
+    parser.add_argument("--pipeline-layout",
+                        help="decoder layers per stage, e.g. 16,15,15,15 (default: even split, extra "
+                             "layers on the leading stages)")
+    parser.add_argument("--micro-batch-tokens", type=int,
+                        help="pack several demos per forward, up to this many tokens including padding "
+                             "(default: one demo per forward)")
+    parser.add_argument("--micro-batches-per-step", type=int,
+                        help="micro-batches per step (pipeline flush and --resume unit; default 2 x PP)")
     parser.add_argument("--dispatcher", choices=["allgather", "alltoall"])
     parser.add_argument("--max-demos", type=int)
     parser.add_argument("--max-length", type=int)
@@ -29,9 +39,13 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cprune-features", action="store_true",
                         help="also write C-Prune expert features (cprune_features.safetensors)")
-    parser.add_argument("--fp8", choices=["none", "auto", "emulated", "te"],
+    parser.add_argument("--fp8", choices=["none", "auto", "emulated", "native", "te"],
                         help="FP8 calibration forward: emulated = DeepSeek's FP8 numerics (e4m3, "
-                             "128x128 weight blocks, 1x128 dynamic activation groups) on any device")
+                             "128x128 weight blocks, 1x128 dynamic activation groups) on any device; "
+                             "native = the same numerics with real FP8 GEMMs (CUDA, FP8 checkpoint)")
+    parser.add_argument("--dequantize-at-load", action="store_true",
+                        help="FP8 checkpoints: dequantise every FP8 weight at load instead of holding "
+                             "the FP8 bytes (twice the weight memory; for comparison)")
     parser.add_argument("--telemetry-interval", type=float,
                         help="seconds between GPU memory/utilisation samples (GPUs only)")
     parser.add_argument("--overwrite", action="store_true")

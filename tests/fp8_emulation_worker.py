@@ -85,10 +85,11 @@ def main(out_path, bf16_ckpt, fp8_ckpt, fp8_nonint_ckpt):
     result["attribute_cleared"] = getattr(model, "_easyep_fp8_emulation", None) is None
     del model
 
-    # 2. FP8 checkpoints in float32: the weight step must be a no-op (already representable).
+    # 2. FP8 checkpoints dequantised at load in float32: the weight step must be a no-op (already
+    # representable). (FP8-resident weights, the default, skip the weight step altogether.)
     for key, ckpt in (("fp8", fp8_ckpt), ("fp8_noninterleaved", fp8_nonint_ckpt)):
         cfg = DeepseekV3Config.load(ckpt)
-        _, model = model_lib.load_megatron_model(ckpt, dtype=torch.float32)
+        _, model = model_lib.load_megatron_model(ckpt, dtype=torch.float32, dequantize_at_load=True)
         before = _weights(model)
         state = fp8_emulation.enable_fp8_emulation(model, cfg.weight_block_size, hf_config=cfg)
         after = _weights(model)
@@ -98,7 +99,7 @@ def main(out_path, bf16_ckpt, fp8_ckpt, fp8_nonint_ckpt):
         if key == "fp8_noninterleaved":
             # The same model quantised WITHOUT undoing the rope permutation: blocks straddle the
             # permuted rows, so values move (proves hf_config matters for such checkpoints).
-            _, plain = model_lib.load_megatron_model(ckpt, dtype=torch.float32)
+            _, plain = model_lib.load_megatron_model(ckpt, dtype=torch.float32, dequantize_at_load=True)
             plain_state = fp8_emulation.enable_fp8_emulation(plain, cfg.weight_block_size)
             result[key]["changed_without_hf_config"] = plain_state.weight_elements_changed
             del plain

@@ -150,7 +150,7 @@ def test_resolve_fp8_mode_decisions_given_a_te_status():
     assert fe.resolve_fp8_mode("emulated", ok) == "emulated"  # explicit request wins
     with pytest.raises(fe.Fp8Unavailable, match="no CUDA GPU is visible"):
         fe.resolve_fp8_mode("te", missing)
-    with pytest.raises(ValueError, match="choose one of none, auto, emulated, te"):
+    with pytest.raises(ValueError, match="choose one of none, auto, emulated, native, te"):
         fe.resolve_fp8_mode("fp8", ok)
 
 

@@ -24,7 +24,6 @@ import uuid
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from megatron_easyep.checkpoint.fp8_blocks import DEFAULT_BLOCK_SIZE, quantize_fp8_blockwise, scale_shape
 from megatron_easyep.checkpoint.reader import DeepseekV3Config, scale_inv_name
@@ -170,6 +169,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rope_scaling": None,
         "num_nextn_predict_layers": 0,
         "rms_norm_eps": 1e-6,
+    },
+    # Memory benches: DeepSeek-V3's true widths (hidden 7168, 128 MLA heads, q_lora 1536, kv_lora 512,
+    # 256 experts of 2048 in 8 groups / top-4 groups / top-8, one shared expert, dense 18432, yarn x40)
+    # with one dense and one MoE layer and a small vocabulary: 12.1 B parameters, 12 GB in FP8.
+    "v3-width": {
+        "vocab_size": 4096,
+        "num_hidden_layers": 2,
+        "first_k_dense_replace": 1,
+        "num_nextn_predict_layers": 0,
     },
 }
 
@@ -341,6 +349,43 @@ def _stored_bytes(spec: TensorSpec, block_size) -> int:
     return numel + math.prod(scale_shape(spec.shape, block_size)) * 4
 
 
+def _stored_layout(spec: TensorSpec, block_size) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of what `_stored_tensors` returns, without generating it."""
+    if spec.init == "bias":
+        return [(spec.name, "F32", spec.shape)]
+    if block_size is None or not spec.quantizable:
+        return [(spec.name, "BF16", spec.shape)]
+    return [(spec.name, "F8_E4M3", spec.shape), (scale_inv_name(spec.name), "F32", scale_shape(spec.shape, block_size))]
+
+
+_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F8_E4M3": 1}
+
+
+def _write_shard_streaming(path: pathlib.Path, specs: list[TensorSpec], seed: int, block_size) -> dict[str, int]:
+    """A safetensors file written one tensor at a time (the header first, from the shapes), so a
+    shard of any size needs the memory of its largest tensor only. Returns {name: bytes}."""
+    layout = [entry for spec in specs for entry in _stored_layout(spec, block_size)]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    sizes, offset = {}, 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * _DTYPE_BYTES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        sizes[name] = size
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for spec in specs:
+            for name, tensor in _stored_tensors(spec, seed, block_size).items():
+                data = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
+                if data.nbytes != sizes[name]:
+                    raise AssertionError(f"{name}: {data.nbytes} bytes, header says {sizes[name]}")
+                f.write(data.tobytes() if data.nbytes < (1 << 26) else memoryview(data))
+    return sizes
+
+
 def split_units_into_shards(unit_bytes: list[int], num_shards: int) -> list[range]:
     """Contiguous, non-empty groups of units with roughly equal bytes."""
     n = len(unit_bytes)
@@ -481,16 +526,12 @@ def make_tiny_checkpoint(
                 shard_name = "model.safetensors"
             else:
                 shard_name = f"model-{shard_index + 1:05d}-of-{num_shards:05d}.safetensors"
-            shard_tensors: dict[str, torch.Tensor] = {}
-            for unit_index in group:
-                for spec in units[unit_index]:
-                    shard_tensors.update(_stored_tensors(spec, seed, block_size))
-            save_file(shard_tensors, str(tmp_dir / shard_name), metadata={"format": "pt"})
-            os.chmod(tmp_dir / shard_name, 0o644)  # safetensors creates files 0600; HF files are world-readable
-            for name, tensor in shard_tensors.items():
+            specs = [spec for unit_index in group for spec in units[unit_index]]
+            sizes = _write_shard_streaming(tmp_dir / shard_name, specs, seed, block_size)
+            os.chmod(tmp_dir / shard_name, 0o644)
+            for name, size in sizes.items():
                 weight_map[name] = shard_name
-                total_size += tensor.numel() * tensor.element_size()
-            del shard_tensors  # at most one shard in memory
+                total_size += size
         if num_shards > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             write_json(tmp_dir / "model.safetensors.index.json", index)

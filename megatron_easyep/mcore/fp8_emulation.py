@@ -45,7 +45,7 @@ from megatron_easyep.checkpoint.fp8_blocks import (
     quantize_fp8_blockwise,
 )
 
-FP8_MODES = ("none", "auto", "emulated", "te")
+FP8_MODES = ("none", "auto", "emulated", "native", "te")
 
 # Linear modules that DeepSeek runs in FP8, by their attribute name in Megatron-Core's GPTModel.
 ATTENTION_LINEARS = frozenset({
@@ -94,10 +94,13 @@ def transformer_engine_status() -> tuple[bool, str]:
 
 
 def resolve_fp8_mode(requested: str | None, te_status: tuple[bool, str] | None = None) -> str:
-    """--fp8 value -> the path to run: "none", "emulated" or "te".
+    """--fp8 value -> the path to run: "none", "emulated", "native" or "te".
 
-    none     -> "none" (the model dtype throughout).
+    none     -> "none" (FP8-resident weights dequantised per GEMM, or weights dequantised at load:
+                the model dtype throughout).
     emulated -> "emulated" on any machine (this module).
+    native   -> "native" (real FP8 GEMMs, mcore/fp8_gemm.py) when a CUDA GPU with FP8 tensor cores
+                is visible; otherwise Fp8Unavailable naming --fp8 emulated.
     te       -> "te" when Transformer Engine and a Hopper GPU are usable; otherwise Fp8Unavailable
                 naming what is missing and pointing at --fp8 emulated.
     auto     -> "te" when usable, else "emulated".
@@ -107,6 +110,14 @@ def resolve_fp8_mode(requested: str | None, te_status: tuple[bool, str] | None =
     if mode not in FP8_MODES:
         raise ValueError(f"--fp8 {requested!r}: choose one of {', '.join(FP8_MODES)}")
     if mode in ("none", "emulated"):
+        return mode
+    if mode == "native":
+        from megatron_easyep.mcore.fp8_gemm import native_unavailable_reason
+
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        reason = native_unavailable_reason(device)
+        if reason:
+            raise Fp8Unavailable(reason)
         return mode
     usable, reason = te_status if te_status is not None else transformer_engine_status()
     if usable:
@@ -200,6 +211,12 @@ def fp8_linear_modules(model) -> list[tuple[str, torch.nn.Module]]:
                 f"{name} ({type(module).__name__}) is not a single-weight linear; emulated FP8 "
                 "supports Megatron-Core's local spec (use --fp8 te for Transformer Engine layers)")
     return found
+
+
+def _is_fp8_resident(module) -> bool:
+    from megatron_easyep.mcore.patches import Fp8ResidentLinear
+
+    return isinstance(module, Fp8ResidentLinear) and module.holds_fp8
 
 
 def _row_splits(name: str, module, weight: torch.Tensor) -> list[int]:
@@ -313,10 +330,40 @@ def enable_fp8_emulation(model, block_size=DEFAULT_BLOCK_SIZE, *, activation_gro
 
     state = Fp8EmulationState(block, group, [], 0, 0)
     for name, module in modules:
-        state.weight_elements_changed += _fake_quantize_module_weight(name, module, block, hf_config)
+        if not _is_fp8_resident(module):  # FP8-resident weights are the checkpoint's codes already
+            state.weight_elements_changed += _fake_quantize_module_weight(name, module, block, hf_config)
         state.weight_elements += module.weight.numel()
         state.handles.append(module.register_forward_pre_hook(quantize_input, with_kwargs=True))
         state.modules.append(name)
     state.model = model
     model._easyep_fp8_emulation = state
     return state
+
+
+def configure_fp8(model, mode: str, hf_config) -> dict:
+    """Put a loaded model in the resolved --fp8 mode; returns the provenance record.
+
+    none     FP8-resident linears dequantise per GEMM (bitwise the dequantise-at-load results).
+    emulated enable_fp8_emulation (activation fake-quantisation; resident weights are exact already).
+    native   FP8-resident linears run real block-scaled FP8 GEMMs (needs an FP8 checkpoint held
+             FP8-resident, i.e. not --dequantize-at-load).
+    """
+    from megatron_easyep.mcore.patches import fp8_resident_linears
+
+    resident = [(n, m) for n, m in fp8_resident_linears(model) if m.holds_fp8]
+    weights = "fp8-resident" if resident else "high-precision"
+    if mode == "native":
+        if not resident:
+            raise Fp8Unavailable("--fp8 native needs FP8 weights held as FP8: an FP8 checkpoint loaded "
+                                 "without --dequantize-at-load (or use --fp8 emulated)")
+        for _, module in resident:
+            module.fp8_compute = "native"
+        return {"mode": "native", "weights": weights, "fp8_linears": len(resident)}
+    for _, module in resident:
+        module.fp8_compute = "dequantize"
+    if mode == "emulated":
+        block = hf_config.weight_block_size or DEFAULT_BLOCK_SIZE
+        return {**enable_fp8_emulation(model, block, hf_config=hf_config).as_dict(), "weights": weights}
+    if mode != "none":
+        raise ValueError(f"configure_fp8: unknown mode {mode!r}")
+    return {"mode": "none", "weights": weights, "fp8_linears": len(resident)}

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_easyep.mcore import mapping
-from megatron_easyep.mcore import patches
-from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config, HFCheckpoint
+from megatron_easyep.checkpoint.fp8_blocks import DEFAULT_BLOCK_SIZE, scale_shape
+from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config, HFCheckpoint, scale_inv_name
+from megatron_easyep.mcore import mapping, patches
+from megatron_easyep.mcore.fp8_gemm import Fp8Layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,8 +29,11 @@ def resolve_dtype(name: str | None, cfg: DeepseekV3Config) -> torch.dtype:
 
 
 def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.float32,
-                       expert_parallel: int = 1, dispatcher: str = "alltoall"):
-    """MLATransformerConfig for a DeepseekV3 checkpoint (TP = PP = 1)."""
+                       expert_parallel: int = 1, dispatcher: str = "alltoall",
+                       stage_layers: list[int] | None = None):
+    """MLATransformerConfig for a DeepseekV3 checkpoint (TP = 1). `stage_layers`: decoder layers
+    per pipeline stage (mcore.pipeline.stage_layer_counts); None = one stage."""
+    from megatron_easyep.mcore import pipeline
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     if cfg.n_routed_experts % expert_parallel:
@@ -109,7 +113,10 @@ def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.floa
         expert_model_parallel_size=expert_parallel,
         # parallelism / precision
         tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=len(stage_layers) if stage_layers else 1,
+        pipeline_model_parallel_layout=pipeline.megatron_layout(stage_layers) if stage_layers else None,
+        pipeline_dtype=dtype,  # the hidden states passed between stages
+        batch_p2p_sync=on_gpu,  # True calls torch.cuda.synchronize()
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -122,8 +129,16 @@ def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.floa
     )
 
 
-def build_model(cfg: DeepseekV3Config, tcfg):
-    """GPTModel with Megatron-Core's local layer spec (MLA adapted in mcore.patches)."""
+def build_model(cfg: DeepseekV3Config, tcfg, *, fp8_resident: bool = False,
+                logits: bool = True):
+    """GPTModel with Megatron-Core's local layer spec (MLA adapted in mcore.patches). With
+    `fp8_resident`, every attention / MLP / expert linear holds FP8 codes + block scales instead of
+    a high-precision weight (patches.fp8_resident_layer_spec; filled by load_weights).
+    Under pipeline parallelism this builds this rank's stage (parallel_state must be initialised):
+    its decoder layers, the embedding on the first stage, the final norm + output layer on the
+    last. `logits=False` builds no final norm and no output layer at all (scoring: the model
+    returns hidden states)."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -132,13 +147,15 @@ def build_model(cfg: DeepseekV3Config, tcfg):
                                             normalization="RMSNorm")
     for layer_spec in block_spec.layer_specs:
         patches.adapt_local_layer_spec(layer_spec, tcfg)
+    if fp8_resident:
+        block_spec.layer_specs = [patches.fp8_resident_layer_spec(s) for s in block_spec.layer_specs]
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=block_spec,
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=logits and parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
@@ -160,29 +177,86 @@ def _deinterleave_rope_rows(weight: torch.Tensor, head_dim: int, rope_dim: int) 
     return rows.reshape(weight.shape)
 
 
+def _rope_head_dim(cfg: DeepseekV3Config, hf_name: str, rows: int) -> int | None:
+    """The per-head row count whose rope rows the loader permutes for rope_interleave = false (None
+    when this tensor is not permuted)."""
+    if cfg.rope_interleave:
+        return None
+    if hf_name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+        return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if hf_name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+        return rows
+    return None
+
+
+def megatron_row_order(cfg: DeepseekV3Config, hf_name: str, rows: int) -> torch.Tensor | None:
+    """megatron_from_hf[i] = the HF row that Megatron's row i holds, or None when the loader keeps
+    HF's row order (the loader's own permutation applied to row indices)."""
+    head = _rope_head_dim(cfg, hf_name, rows)
+    if head is None:
+        return None
+    index = torch.arange(rows, dtype=torch.float64)[:, None]
+    return _deinterleave_rope_rows(index, head, cfg.qk_rope_head_dim)[:, 0].long()
+
+
 def _hf_tensor(ckpt: HFCheckpoint, source: mapping.HFSource, dtype) -> torch.Tensor:
     cfg = ckpt.config
     parts = [ckpt.read(name, dtype=torch.float32) for name in source.names]
     tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    if not cfg.rope_interleave:
-        name = source.names[0]
-        qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        if name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
-            tensor = _deinterleave_rope_rows(tensor, qk_dim, cfg.qk_rope_head_dim)
-        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
-            tensor = _deinterleave_rope_rows(tensor, tensor.shape[0], cfg.qk_rope_head_dim)
+    head = _rope_head_dim(cfg, source.names[0], tensor.shape[0])
+    if head is not None:
+        tensor = _deinterleave_rope_rows(tensor, head, cfg.qk_rope_head_dim)
     return tensor.to(dtype)
 
 
+def _load_fp8_resident(module, ckpt: HFCheckpoint, source: mapping.HFSource, megatron_name: str) -> None:
+    """Hold the checkpoint's FP8 bytes and scales of `source` in an FP8-resident linear; a linear
+    the checkpoint stores in high precision is held as stored (in the model's params dtype)."""
+    dtypes = [ckpt.tensor_info(n)[0] for n in source.names]
+    if not any(d == "F8_E4M3" for d in dtypes):
+        module.hold_high_precision(_hf_tensor(ckpt, source, module.config.params_dtype))
+        return
+    if not all(d == "F8_E4M3" for d in dtypes):
+        raise CheckpointError(f"Megatron {megatron_name} concatenates {', '.join(source.names)} in {ckpt.path}, "
+                              f"stored as {', '.join(dtypes)}: they must all be FP8 or none")
+    block = tuple(ckpt.config.weight_block_size or DEFAULT_BLOCK_SIZE)
+    codes, scales = [], []
+    for name in source.names:
+        code = ckpt.read_raw(name)
+        sname = scale_inv_name(name)
+        if sname not in ckpt:
+            raise CheckpointError(f"FP8 tensor {name} in {ckpt.shard_file(name)} has no {sname}")
+        scale = ckpt.read_raw(sname)
+        expected = scale_shape(code.shape, block) if code.dim() == 2 else None
+        if expected is None or tuple(scale.shape) != expected:
+            raise CheckpointError(
+                f"{sname} in {ckpt.shard_file(sname)} has shape {tuple(scale.shape)}, but weight {name} "
+                f"{tuple(code.shape)} with weight_block_size {list(block)} needs {expected}")
+        codes.append(code)
+        scales.append(scale)
+    value = torch.cat(codes) if len(codes) > 1 else codes[0]
+    if tuple(value.shape) != tuple(module.weight.shape):
+        raise CheckpointError(f"tensor {' + '.join(source.names)} in {ckpt.path} has shape "
+                              f"{tuple(value.shape)}; Megatron {megatron_name} expects "
+                              f"{tuple(module.weight.shape)} (config {ckpt.config.source})")
+    layout = Fp8Layout(tuple(c.shape[0] for c in codes), block)
+    module.hold_fp8(value, torch.cat(scales) if len(scales) > 1 else scales[0], layout,
+                    megatron_row_order(ckpt.config, source.names[0], value.shape[0]))
+
+
 @torch.no_grad()
-def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel: int = 1):
+def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel: int = 1,
+                 layer_offset: int = 0):
     """Fill every parameter/buffer of `model` from the HF checkpoint through the name table.
-    Reads only the tensors this rank's model holds (its own experts plus replicated weights)."""
+    Reads only the tensors this rank's model holds (its own experts plus replicated weights);
+    `layer_offset` is the global id of the stage's first decoder layer (pipeline parallelism)."""
     experts_per_rank = ckpt.config.n_routed_experts // expert_parallel
     state = model.state_dict(keep_vars=True)
+    fp8_resident = {f"{n}.weight": m for n, m in patches.fp8_resident_linears(model)}
     for name, target in state.items():
         try:
-            source = mapping.hf_source(name, experts_per_rank=experts_per_rank, ep_rank=ep_rank)
+            source = mapping.hf_source(name, experts_per_rank=experts_per_rank, ep_rank=ep_rank,
+                                       layer_offset=layer_offset)
         except KeyError:
             raise CheckpointError(f"Megatron parameter {name} has no entry in the HF name table "
                                   "(megatron_easyep/mcore/mapping.py)") from None
@@ -192,6 +266,9 @@ def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel
             if hf_name not in ckpt:
                 raise CheckpointError(f"tensor {hf_name} (for Megatron {name}) is missing from "
                                       f"{ckpt.path}")
+        if name in fp8_resident:
+            _load_fp8_resident(fp8_resident[name], ckpt, source, name)
+            continue
         value = _hf_tensor(ckpt, source, target.dtype)
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"tensor {' + '.join(source.names)} in {ckpt.path} has shape "
@@ -202,18 +279,27 @@ def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel
 
 
 def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_parallel: int = 1,
-                        dispatcher: str = "alltoall", ep_rank: int | None = None):
+                        dispatcher: str = "alltoall", ep_rank: int | None = None,
+                        dequantize_at_load: bool = False, stage_layers: list[int] | None = None,
+                        logits: bool = True):
     """Checkpoint dir -> (HFCheckpoint, loaded GPTModel in eval mode). parallel_state must be
-    initialised (see parallel.init_parallel)."""
+    initialised (see parallel.init_parallel). FP8 checkpoints are held FP8-resident (the
+    checkpoint's bytes + block scales, dequantised per GEMM) unless `dequantize_at_load`.
+    With `stage_layers` (pipeline parallelism) this rank builds and reads only its stage;
+    `logits=False` skips the final norm and output layer (and lm_head is never read)."""
     from megatron.core import parallel_state
 
     ckpt = HFCheckpoint(ckpt_dir)
     tcfg = transformer_config(ckpt.config, dtype=dtype, expert_parallel=expert_parallel,
-                              dispatcher=dispatcher)
-    model = build_model(ckpt.config, tcfg)
+                              dispatcher=dispatcher, stage_layers=stage_layers)
+    model = build_model(ckpt.config, tcfg, fp8_resident=ckpt.config.is_fp8 and not dequantize_at_load,
+                        logits=logits)
     if ep_rank is None:
         ep_rank = parallel_state.get_expert_model_parallel_rank()
-    load_weights(model, ckpt, ep_rank=ep_rank, expert_parallel=expert_parallel)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    load_weights(model, ckpt, ep_rank=ep_rank, expert_parallel=expert_parallel,
+                 layer_offset=get_transformer_layer_offset(tcfg) if stage_layers else 0)
     return ckpt, model
 
 

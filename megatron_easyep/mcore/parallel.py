@@ -1,4 +1,7 @@
-"""torch.distributed + Megatron parallel_state set-up (TP = PP = 1, EP from the command line).
+"""torch.distributed + Megatron parallel_state set-up (TP = 1; PP and EP from the command line).
+
+Rank order is Megatron's default (tp-cp-ep-dp-pp): the ranks of one pipeline stage are contiguous
+blocks of world / PP, and EP groups stay inside a stage.
 
 Works under torchrun (reads RANK/WORLD_SIZE/...) and in a plain single process (world size 1),
 with gloo on CPU and NCCL on GPUs.
@@ -22,14 +25,28 @@ class Layout:
     rank: int
     expert_parallel: int
     ep_rank: int
-    data_parallel: int  # replicas of the dense part = world_size (TP = PP = 1)
+    data_parallel: int  # replicas of the dense part = world_size / PP (TP = 1)
     dp_rank: int
     backend: str
+    pipeline_parallel: int = 1
+    pp_rank: int = 0
+    stage_layers: tuple[int, ...] | None = None  # decoder layers per stage (PP > 1)
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pipeline_parallel - 1
 
     def as_dict(self) -> dict:
-        return dict(world_size=self.world_size, tensor_parallel=1, pipeline_parallel=1,
-                    expert_parallel=self.expert_parallel, data_parallel=self.data_parallel,
-                    backend=self.backend)
+        out = dict(world_size=self.world_size, tensor_parallel=1, pipeline_parallel=self.pipeline_parallel,
+                   expert_parallel=self.expert_parallel, data_parallel=self.data_parallel,
+                   backend=self.backend)
+        if self.pipeline_parallel > 1:
+            out["stage_layers"] = list(self.stage_layers)
+        return out
 
 
 def _free_port() -> int:
@@ -38,8 +55,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(expert_parallel: int = 1, seed: int = 1234) -> Layout:
-    """Initialise torch.distributed (if needed) and Megatron's parallel_state."""
+def check_layout(world: int, expert_parallel: int, pipeline_parallel: int = 1) -> None:
+    """Clear errors for a PP x EP layout that does not fit the world (before any weight is read)."""
+    if pipeline_parallel < 1 or world % pipeline_parallel:
+        raise ValueError(f"--pipeline-parallel {pipeline_parallel} must divide the world size {world}")
+    per_stage = world // pipeline_parallel
+    if expert_parallel < 1 or per_stage % expert_parallel:
+        raise ValueError(f"--expert-parallel {expert_parallel} must divide the ranks per pipeline stage "
+                         f"({world} ranks / --pipeline-parallel {pipeline_parallel} = {per_stage})"
+                         if pipeline_parallel > 1 else
+                         f"--expert-parallel {expert_parallel} must divide the world size {world}")
+
+
+def init_parallel(expert_parallel: int = 1, seed: int = 1234, pipeline_parallel: int = 1,
+                  stage_layers: list[int] | None = None) -> Layout:
+    """Initialise torch.distributed (if needed) and Megatron's parallel_state. `stage_layers`
+    (decoder layers per stage, pipeline.stage_layer_counts) is recorded in the layout."""
     from megatron.core import parallel_state
 
     patches.apply_all()
@@ -55,14 +86,14 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234) -> Layout:
             dist.init_process_group(backend=backend, rank=0, world_size=1,
                                     init_method=f"tcp://127.0.0.1:{_free_port()}")
     world = dist.get_world_size()
-    if expert_parallel < 1 or world % expert_parallel:
-        raise ValueError(f"--expert-parallel {expert_parallel} must divide the world size {world}")
+    check_layout(world, expert_parallel, pipeline_parallel)
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_expert_model_parallel_world_size() != expert_parallel:
+        if (parallel_state.get_expert_model_parallel_world_size() != expert_parallel
+                or parallel_state.get_pipeline_model_parallel_world_size() != pipeline_parallel):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+            tensor_model_parallel_size=1, pipeline_model_parallel_size=pipeline_parallel,
             expert_model_parallel_size=expert_parallel)
     patches.seed_model_parallel_rng(seed)
     return Layout(
@@ -73,6 +104,9 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234) -> Layout:
         data_parallel=parallel_state.get_data_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         backend=dist.get_backend(),
+        pipeline_parallel=pipeline_parallel,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        stage_layers=tuple(stage_layers) if stage_layers is not None and pipeline_parallel > 1 else None,
     )
 
 

@@ -1,6 +1,6 @@
 """Everything that touches Megatron-Core internals lives here (written against megatron-core 0.19.x).
 
-Four sections, so the next megatron-core release is a one-file change:
+Five sections, so the next megatron-core release is a one-file change:
   1. CPU bridges: let the real MoE/MLA layers run without CUDA (gloo). Applied only when CUDA is
      absent; a GPU run never goes through them.
   2. DeepSeek routing: group-limited top-k with DeepSeek's own group score (sum of the top-2).
@@ -8,6 +8,9 @@ Four sections, so the next megatron-core release is a one-file change:
      Q projection for q_lora_rank = null.
   4. Hook points: where the scorer observes the residual stream, the router, the experts and the
      combined routed output of each MoE layer.
+  5. FP8-resident linears: the local spec's Column/RowParallelLinear swapped, through the layer
+     spec, for subclasses that hold DeepSeek's FP8 bytes and block scales under Megatron's own
+     parameter name (`weight`) and compute through mcore/fp8_gemm.py.
 """
 
 from __future__ import annotations
@@ -195,6 +198,18 @@ def mla_self_attention_class():
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     class DeepseekMLASelfAttention(MLASelfAttention):
+        def __init__(self, *args, fp8_resident_down_projections: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            if fp8_resident_down_projections:
+                # MLASelfAttention accepts only its own classes for the two down projections (an
+                # exact-class check), so they are built plain and turned FP8-resident right here;
+                # the high-precision weight of one layer's two projections exists only meanwhile.
+                for name in ("linear_q_down_proj", "linear_kv_down_proj"):
+                    module = getattr(self, name, None)
+                    if module is not None and hasattr(module, "_forward_impl"):
+                        module.__class__ = fp8_resident_class(type(module))
+                        module._make_fp8_resident()
+
         def _resolve_qk_norm_config(self, submodules):
             if self.config.q_lora_rank is not None:
                 return super()._resolve_qk_norm_config(submodules)
@@ -216,6 +231,155 @@ def adapt_local_layer_spec(layer_spec, config) -> None:
         from megatron.core.transformer.identity_op import IdentityOp
 
         attention.submodules.q_layernorm = IdentityOp
+
+
+# --------------------------------------------------------------------------------------------
+# 5. FP8-resident linears (swapped in through the layer spec)
+# --------------------------------------------------------------------------------------------
+
+# Linear modules DeepSeek stores in FP8, by their attribute name in Megatron-Core's local spec.
+FP8_ATTENTION_LINEARS = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
+                         "linear_kv_up_proj", "linear_proj")
+FP8_MLP_LINEARS = ("linear_fc1", "linear_fc2")  # dense MLP, shared experts, routed experts
+
+_FP8_CLASSES: dict = {}
+
+
+class Fp8ResidentLinear:
+    """Mixin for Megatron's Column/RowParallelLinear (TP = 1): `weight` is a float8_e4m3fn
+    Parameter holding the checkpoint's bytes (HF row order, parts concatenated), with
+    `weight_scale_inv` (fp32 block scales of every part, concatenated) and the row permutation to
+    Megatron's order as non-persistent buffers, filled by `hold_fp8` at load time. Megatron's
+    forward runs unchanged up to `_forward_impl`, where the weight is either dequantised into the
+    compute dtype for Megatron's own matmul (`dequantize`) or multiplied in FP8 (`native`).
+    A linear the checkpoint stores in high precision gets a plain weight (`hold_high_precision`)."""
+
+    fp8_compute = "dequantize"
+
+    def _make_fp8_resident(self) -> None:
+        shape, device = self.weight.shape, self.weight.device
+        del self.weight  # the high-precision Parameter Megatron allocated (never filled)
+        self.weight = torch.nn.Parameter(torch.empty(shape, dtype=torch.float8_e4m3fn, device=device),
+                                         requires_grad=False)
+        self.register_buffer("weight_scale_inv", None, persistent=False)
+        self.register_buffer("fp8_dest_rows", None, persistent=False)  # Megatron row of each HF row
+        self.register_buffer("fp8_out_index", None, persistent=False)  # HF row of each Megatron row
+        self.fp8_layout = None
+
+    @property
+    def holds_fp8(self) -> bool:
+        return self.weight.dtype == torch.float8_e4m3fn
+
+    def hold_fp8(self, codes: torch.Tensor, scale_inv: torch.Tensor, layout, megatron_from_hf=None) -> None:
+        """Take the checkpoint's codes [N, K] (HF order) and scales; `megatron_from_hf[i]` is the HF
+        row of Megatron row i when the loader permutes rows (rope_interleave = false)."""
+        with torch.no_grad():
+            self.weight.copy_(codes.to(self.weight.device))
+        self.weight_scale_inv = scale_inv.to(device=self.weight.device, dtype=torch.float32).contiguous()
+        self.fp8_layout = layout
+        if megatron_from_hf is not None:
+            self.fp8_out_index = megatron_from_hf.to(self.weight.device)
+            self.fp8_dest_rows = torch.argsort(megatron_from_hf).to(self.weight.device)
+
+    def hold_high_precision(self, value: torch.Tensor) -> None:
+        """For a linear the checkpoint does not store in FP8: a plain weight in value's dtype."""
+        device = self.weight.device
+        del self.weight
+        self.weight = torch.nn.Parameter(value.to(device), requires_grad=False)
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if not self.holds_fp8:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        if self.fp8_layout is None:
+            raise RuntimeError("FP8-resident linear used before its weight was loaded")
+        from megatron_easyep.mcore import fp8_gemm
+
+        if input.numel() == 0:  # an expert that received no token: nothing to dequantise
+            return super()._forward_impl(input, torch.empty(self.weight.shape, dtype=input.dtype,
+                                                            device=input.device), *args, **kwargs)
+        if self.fp8_compute == "native":
+            out = fp8_gemm.native_linear(input, self.weight, self.weight_scale_inv, self.fp8_layout,
+                                         self.fp8_out_index)
+            bias = kwargs.get("bias")
+            return out if bias is None else out + bias
+        dense = fp8_gemm.dequantize_weight(self.weight, self.weight_scale_inv, self.fp8_layout, input.dtype,
+                                           self.fp8_dest_rows)
+        return super()._forward_impl(input, dense, *args, **kwargs)
+
+
+def fp8_resident_class(base: type) -> type:
+    """The FP8-resident subclass of a Megatron linear class (one per base, cached)."""
+    if base not in _FP8_CLASSES:
+        def __init__(self, *args, **kwargs):
+            base.__init__(self, *args, **kwargs)
+            self._make_fp8_resident()
+
+        _FP8_CLASSES[base] = type(f"Fp8Resident{base.__name__}", (Fp8ResidentLinear, base), {"__init__": __init__})
+    return _FP8_CLASSES[base]
+
+
+def fp8_resident_layer_spec(layer_spec):
+    """A copy of one TransformerLayer spec (after adapt_local_layer_spec) with every attention /
+    MLP / shared-expert / routed-expert linear swapped for its FP8-resident subclass; MLA's two
+    down projections are converted by the attention module itself. Specs are copied on the way
+    down, never changed in place, so a later dequantise-at-load build in the same process gets the
+    plain classes."""
+    import copy
+    import dataclasses
+    import functools
+
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    names = set(FP8_ATTENTION_LINEARS) | set(FP8_MLP_LINEARS)
+    built_plain = {"linear_q_down_proj", "linear_kv_down_proj"}  # see mla_self_attention_class
+    swapped = 0
+
+    def swap_submodules(submodules):
+        nonlocal swapped
+        if not dataclasses.is_dataclass(submodules):
+            return submodules
+        changes = {}
+        for field in dataclasses.fields(submodules):
+            value = getattr(submodules, field.name)
+            if field.name in names and field.name not in built_plain and value in (ColumnParallelLinear,
+                                                                                    RowParallelLinear):
+                changes[field.name] = fp8_resident_class(value)
+                swapped += 1
+            elif field.name not in names:
+                new = swap_spec(value)
+                if new is not value:
+                    changes[field.name] = new
+        return dataclasses.replace(submodules, **changes) if changes else submodules
+
+    def swap_spec(value):
+        if isinstance(value, functools.partial) and "submodules" in value.keywords:  # MLP / MoE specs
+            sub = swap_submodules(value.keywords["submodules"])
+            if sub is value.keywords["submodules"]:
+                return value
+            return functools.partial(value.func, *value.args, **{**value.keywords, "submodules": sub})
+        if hasattr(value, "module") and hasattr(value, "submodules"):  # ModuleSpec
+            sub = swap_submodules(value.submodules)
+            if sub is value.submodules:
+                return value
+            spec = copy.copy(value)
+            spec.submodules = sub
+            return spec
+        return value
+
+    layer_spec = copy.copy(layer_spec)
+    layer_spec.submodules = swap_submodules(layer_spec.submodules)
+    attention = copy.copy(layer_spec.submodules.self_attention)
+    attention.params = {**(attention.params or {}), "fp8_resident_down_projections": True}
+    layer_spec.submodules = dataclasses.replace(layer_spec.submodules, self_attention=attention)
+    if not swapped:
+        raise RuntimeError("FP8-resident weights: no Column/RowParallelLinear found in the layer spec "
+                           "(megatron-core's local spec changed?)")
+    return layer_spec
+
+
+def fp8_resident_linears(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every FP8-resident linear in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Fp8ResidentLinear)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,16 +423,18 @@ def local_experts(moe_layer) -> list:
 
 
 def iter_moe_layers(model):
-    """(decoder layer index, TransformerLayer) for every MoE layer of a GPTModel."""
+    """(global layer id, TransformerLayer) for every MoE layer of a GPTModel (or of this rank's
+    pipeline stage). The id is the layer's number in the whole model, 0-based (= the HF layer
+    index), not its position inside the stage."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    for index, layer in enumerate(model.decoder.layers):
+    for layer in model.decoder.layers:
         if isinstance(layer.mlp, MoELayer):
-            yield index, layer
+            yield layer.layer_number - 1, layer
 
 
 def attach_moe_observers(model, on_layer: Callable[[int, MoEObservation], None]):
-    """Observe every MoE layer of `model`; `on_layer(decoder_layer_index, observation)` runs after
+    """Observe every MoE layer of `model`; `on_layer(global_layer_id, observation)` runs after
     the layer's routed output is combined. Returns a function that detaches everything.
 
     Residual, router and experts are read with ordinary forward hooks. The routed output is taken

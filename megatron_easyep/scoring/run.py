@@ -39,6 +39,10 @@ class ScoreRun:
     demos: list[str]
     output: str
     expert_parallel: int = 1
+    pipeline_parallel: int = 1
+    pipeline_layout: str | None = None  # decoder layers per stage, "16,15,15,15"; default: even split
+    micro_batch_tokens: int | None = None  # tokens (padding included) per micro-batch; None = one demo
+    micro_batches_per_step: int | None = None  # per step (pipeline flush); default 2 x PP (1 without PP)
     dispatcher: str = "alltoall"
     max_demos: int | None = None
     max_length: int | None = 4096
@@ -49,7 +53,8 @@ class ScoreRun:
     log_every: int = 10
     seed: int = 1234
     cprune_features: bool = False  # also write cprune_features.safetensors (C-Prune)
-    fp8: str = "none"  # none | auto | emulated | te (see fp8_emulation.resolve_fp8_mode)
+    fp8: str = "none"  # none | auto | emulated | native | te (see fp8_emulation.resolve_fp8_mode)
+    dequantize_at_load: bool = False  # FP8 checkpoints: dequantise every weight at load (old behaviour)
     telemetry_interval: float = 5.0  # seconds between GPU samples (nvidia-ml-py; GPUs only)
 
 
@@ -69,13 +74,21 @@ def run_scoring(run: ScoreRun) -> Path | None:
     from megatron_easyep.mcore import model as model_lib
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
-    for name in ("max_demos", "max_length", "checkpoint_every", "log_every", "expert_parallel"):
+    from megatron_easyep.mcore import pipeline
+
+    for name in ("max_demos", "max_length", "checkpoint_every", "log_every", "expert_parallel",
+                 "pipeline_parallel", "micro_batch_tokens", "micro_batches_per_step"):
         value = getattr(run, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ScoringError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
     output = Path(run.output).resolve()
     work = output.with_name(output.name + ".inprogress")
     cfg = DeepseekV3Config.load(run.hf_checkpoint)
+    stage_layers = pipeline.stage_layer_counts(cfg.num_hidden_layers, run.pipeline_parallel,
+                                               run.pipeline_layout, source=str(cfg.source))
+    if run.cprune_features and (run.pipeline_parallel > 1 or run.micro_batch_tokens):
+        raise ScoringError("--cprune-features needs --pipeline-parallel 1 and one demo per forward "
+                           "(no --micro-batch-tokens): it pools each demo's MoE inputs on one rank")
     if output.exists() and not run.overwrite:
         raise ScoringError(f"output directory {output} exists; pass --overwrite to replace it")
     if run.resume and not work.is_dir():
@@ -99,12 +112,18 @@ def run_scoring(run: ScoreRun) -> Path | None:
         raise fp8_emulation.Fp8Unavailable(
             "--fp8 te: Transformer Engine is usable here, but megatron-easyep builds Megatron's "
             "local layer spec only; use --fp8 emulated (DeepSeek's FP8 numerics, any device)")
-    layout = parallel.init_parallel(run.expert_parallel, seed=run.seed)
+    layout = parallel.init_parallel(run.expert_parallel, seed=run.seed,
+                                    pipeline_parallel=run.pipeline_parallel, stage_layers=stage_layers)
+    # several micro-batches per step let the stages overlap; without PP one forward is a step
+    per_step = run.micro_batches_per_step or (2 * run.pipeline_parallel if run.pipeline_parallel > 1 else 1)
     dtype = model_lib.resolve_dtype(run.dtype, cfg)
     provenance = {
         "format": SCORE_FORMAT,
         "checkpoint": str(Path(run.hf_checkpoint).resolve()),
         "config_hash": cfg.config_hash,
+        # the model apart from how its weights are stored: scores made on a BF16 copy prune the FP8 original
+        "architecture_hash": cfg.architecture_hash,
+        "storage_format": cfg.storage_format,
         "demos": demo_files,
         "max_demos": run.max_demos,
         "max_length": run.max_length,
@@ -112,15 +131,18 @@ def run_scoring(run: ScoreRun) -> Path | None:
         "dtype": str(dtype).replace("torch.", ""),
         "dispatcher": run.dispatcher,
         "layout": layout.as_dict(),
-        "fp8": {"mode": fp8_mode},
+        "batching": {"micro_batch_tokens": run.micro_batch_tokens, "micro_batches_per_step": per_step},
+        "fp8": {"mode": fp8_mode,
+                "weights": "dequantized" if run.dequantize_at_load or not cfg.is_fp8 else "fp8-resident"},
     }
     run_id = _json_hash({k: provenance[k] for k in ("config_hash", "demos", "max_demos",
-                                                     "max_length", "dtype", "layout", "fp8")})
+                                                     "max_length", "dtype", "layout", "fp8",
+                                                     "batching")})
 
     if layout.rank == 0 and not run.resume:
+        # a stale interrupted run goes; the new one's folder appears at its first snapshot, so a
+        # run that fails before one (bad shard, missing scale...) leaves nothing behind
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        (work / "run.json").write_text(json.dumps({"run_id": run_id}))
     if dist.get_world_size() > 1:
         dist.barrier()
     if run.resume and json.loads((work / "run.json").read_text())["run_id"] != run_id:
@@ -130,22 +152,28 @@ def run_scoring(run: ScoreRun) -> Path | None:
 
     ckpt, model = model_lib.load_megatron_model(run.hf_checkpoint, dtype=dtype,
                                                 expert_parallel=run.expert_parallel,
-                                                dispatcher=run.dispatcher)
+                                                dispatcher=run.dispatcher,
+                                                dequantize_at_load=run.dequantize_at_load,
+                                                stage_layers=stage_layers if run.pipeline_parallel > 1 else None,
+                                                logits=False)  # scores need no logits
     from megatron.core import parallel_state
 
-    if fp8_mode == "emulated":
-        fp8_state = fp8_emulation.enable_fp8_emulation(
-            model, cfg.weight_block_size or fp8_emulation.DEFAULT_BLOCK_SIZE, hf_config=cfg)
-        provenance["fp8"] = fp8_state.as_dict()
+    provenance["fp8"] = fp8_emulation.configure_fp8(model, fp8_mode, cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    moe_layers = [index for index, _ in patches.iter_moe_layers(model)]
+    moe_layers = pipeline.moe_layer_ids(model.config)  # every stage's, global ids
+    # tokens are counted on the first stage only; each stage fills the rows of its own layers
     scorer = ExpertScorer(moe_layers, cfg.n_routed_experts, domains,
                           ep_group=parallel_state.get_expert_model_parallel_group(), device=device,
-                          pool_inputs=run.cprune_features)
+                          pool_inputs=run.cprune_features, count_tokens=layout.first_stage)
     detach = patches.attach_moe_observers(model, scorer.observe)
 
-    my_demos = demos_lib.shard_for_rank(demo_list, layout.dp_rank, layout.data_parallel)
-    steps = demos_lib.num_steps(len(demo_list), layout.data_parallel)
+    replicas = [demos_lib.shard_for_rank(demo_list, r, layout.data_parallel)
+                for r in range(layout.data_parallel)]
+    my_demos = replicas[layout.dp_rank]
+    schedule = plan_micro_batches([[len(d.input_ids) for _, d in rep] for rep in replicas],
+                                  run.micro_batch_tokens, per_step)
+    steps = len(schedule)
+    provenance["batching"]["micro_batches"] = sum(len(step) for step in schedule)
     start = _resume_step(work, layout.rank) if run.resume else 0
     if start:
         state = torch.load(_state_file(work, layout.rank, start))
@@ -157,17 +185,25 @@ def run_scoring(run: ScoreRun) -> Path | None:
     gpu_telemetry = telemetry.GpuTelemetry(run.telemetry_interval).start()
     with torch.no_grad():
         for step in range(start, steps):
-            index, demo = my_demos[step] if step < len(my_demos) else (None, None)
-            ids = list(demo.input_ids) if demo else []
-            length = parallel.max_over_world(len(ids), device)
-            token_domain = torch.full((length,), -1, dtype=torch.long, device=device)
-            if demo:
-                token_domain[:len(ids)] = domains.index(demo.domain)
-            scorer.begin_step(token_domain, index)
-            model_lib.forward_padded(model, ids, length)
-            tokens_done += len(ids)
+            batches, token_domains, demo_indices = [], [], []
+            for slot in schedule[step]:
+                members = [my_demos[pos] for pos in slot.members[layout.dp_rank]]
+                seqs = [list(demo.input_ids) for _, demo in members]
+                batches.append(pipeline.padded_batch(seqs, slot.length, slot.rows, device))
+                # [s, b] flattened: Megatron's token order inside a layer is sequence-major
+                token_domain = torch.full((slot.length, slot.rows), -1, dtype=torch.long, device=device)
+                for row, (_, demo) in enumerate(members):
+                    token_domain[:len(demo.input_ids), row] = domains.index(demo.domain)
+                token_domains.append(token_domain.reshape(-1))
+                demo_indices.append(members[0][0] if len(members) == 1 else None)
+                tokens_done += sum(len(s) for s in seqs)
+
+            def before_micro_batch(m):
+                scorer.begin_step(token_domains[m], demo_indices[m])
+
+            pipeline.forward_micro_batches(model, batches, before_micro_batch)
             if (step + 1) % run.checkpoint_every == 0 and step + 1 < steps:
-                _save_state(work, layout.rank, scorer, step + 1)
+                _save_state(work, layout.rank, scorer, step + 1, run_id)
                 if fault_after and step + 1 >= fault_after:
                     os._exit(17)
             if layout.rank == 0 and ((step + 1) % run.log_every == 0 or step + 1 == steps):
@@ -186,7 +222,7 @@ def run_scoring(run: ScoreRun) -> Path | None:
 
     if layout.rank == 0:
         provenance.update({
-            "layers": [int(i) for i in moe_layers],  # decoder index == HF layer index (PP = 1)
+            "layers": [int(i) for i in moe_layers],  # global layer ids == HF layer indices
             "metrics": list(metrics.METRICS),
             "domains": domains,
             "num_experts": cfg.n_routed_experts,
@@ -200,6 +236,7 @@ def run_scoring(run: ScoreRun) -> Path | None:
         if features is not None:
             from safetensors.torch import save_file
 
+            work.mkdir(parents=True, exist_ok=True)  # no snapshot was taken in a short run
             save_file(features, str(work / "cprune_features.safetensors"))
             provenance["cprune_features"] = "cprune_features.safetensors"
         _write_scores(work, output, scorer.score_tensors(), provenance, run.overwrite)
@@ -209,13 +246,62 @@ def run_scoring(run: ScoreRun) -> Path | None:
     return output if layout.rank == 0 else None
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch slot, the same shape on every rank: `members[r]` are positions in replica
+    r's demo list (empty rows and positions beyond a demo's length are padding)."""
+
+    rows: int
+    length: int
+    members: tuple[tuple[int, ...], ...]
+
+
+def plan_micro_batches(lengths: list[list[int]], micro_batch_tokens: int | None,
+                       per_step: int) -> list[list[MicroBatch]]:
+    """Steps of micro-batches for every data-parallel replica, computed identically on every rank
+    from the demo lengths (no communication): each replica packs its demos in order, greedily,
+    while rows x longest <= micro_batch_tokens (None: one demo each); slot j of every replica is
+    padded to the largest rows and length over replicas (EP collectives run in lockstep, and the
+    allgather dispatcher needs equal token counts); `per_step` micro-batches make one step
+    (a pipeline flush, and the unit of --resume)."""
+    packed = []
+    for replica in lengths:
+        groups, current, longest = [], [], 0
+        for pos, n in enumerate(replica):
+            if current and micro_batch_tokens is None:
+                groups.append(current)
+                current, longest = [], 0
+            elif current and (len(current) + 1) * max(longest, n) > micro_batch_tokens:
+                groups.append(current)
+                current, longest = [], 0
+            current.append(pos)
+            longest = max(longest, n)
+        if current:
+            groups.append(current)
+        packed.append(groups)
+    total = max((len(g) for g in packed), default=0)
+    slots = []
+    for j in range(max(total, 1)):
+        members = tuple(tuple(groups[j]) if j < len(groups) else () for groups in packed)
+        rows = max(max((len(m) for m in members), default=1), 1)
+        length = max([lengths[r][pos] for r, m in enumerate(members) for pos in m] + [1])
+        slots.append(MicroBatch(rows, length, members))
+    return [slots[i:i + per_step] for i in range(0, len(slots), per_step)]
+
+
 def _state_file(work: Path, rank: int, next_step: int) -> Path:
     return work / f"state_rank{rank}_step{next_step}.pt"
 
 
-def _save_state(work: Path, rank: int, scorer: ExpertScorer, next_step: int) -> None:
+def _save_state(work: Path, rank: int, scorer: ExpertScorer, next_step: int, run_id: str) -> None:
     """Atomic per-rank snapshot; the previous one is kept, so a kill between two ranks' saves
-    still leaves a step that every rank has."""
+    still leaves a step that every rank has. The first one creates `work` and its run.json."""
+    run_file = work / "run.json"
+    if not run_file.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        tmp_run = work / f".run.json.rank{rank}.tmp"
+        tmp_run.write_text(json.dumps({"run_id": run_id}))
+        os.replace(tmp_run, run_file)
     path = _state_file(work, rank, next_step)
     tmp = path.with_suffix(".tmp")
     torch.save({"scorer": scorer.state_dict(), "next_step": next_step}, tmp)
@@ -224,6 +310,9 @@ def _save_state(work: Path, rank: int, scorer: ExpertScorer, next_step: int) -> 
                        key=lambda p: int(p.stem.rsplit("step", 1)[1]))
     for old in snapshots[:-2]:
         old.unlink(missing_ok=True)
+    if rank == 0:
+        print(f"snapshot at step {next_step} in {work}; if this run stops, the same command with "
+              f"--resume continues from here", file=sys.stderr, flush=True)
 
 
 def _resume_step(work: Path, rank: int) -> int:
@@ -249,6 +338,7 @@ def _write_scores(work: Path, output: Path, tensors: dict, provenance: dict,
     """scores.safetensors + scores.json into the in-progress dir, then one rename."""
     from safetensors.torch import save_file
 
+    work.mkdir(parents=True, exist_ok=True)  # made lazily (no snapshot in a short run)
     save_file(tensors, str(work / "scores.safetensors"),
               metadata={"format": SCORE_FORMAT, "config_hash": provenance["config_hash"]})
     (work / "scores.json").write_text(json.dumps(provenance, indent=2) + "\n")

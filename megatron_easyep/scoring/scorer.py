@@ -27,8 +27,12 @@ class ExpertScorer:
     """Online per-(domain, metric, layer, expert) sums for one model on one rank."""
 
     def __init__(self, moe_layer_indices: list[int], num_experts: int, domains: list[str],
-                 ep_group=None, device="cpu", pool_inputs: bool = False):
+                 ep_group=None, device="cpu", pool_inputs: bool = False, count_tokens: bool = True):
+        # global layer ids (all pipeline stages); a stage fills only its own layers' rows
         self.layer_row = {layer: row for row, layer in enumerate(moe_layer_indices)}
+        # under pipeline parallelism only the first stage counts tokens, so the world-wide
+        # all-reduce counts each token once
+        self.count_tokens = count_tokens
         # C-Prune: per demonstration, the mean of its MoE inputs in every MoE layer [L, H]
         self.pool_inputs = pool_inputs
         self.pooled_inputs: dict[int, torch.Tensor] = {}
@@ -41,12 +45,14 @@ class ExpertScorer:
         self.tokens = torch.zeros(len(domains), dtype=torch.float64, device=device)
         self.token_domain: torch.Tensor | None = None  # [T] domain index, -1 = padding
         self._local_id_cache: dict = {}
+        self._top_k: int | None = None
 
     def begin_step(self, token_domain: torch.Tensor, demo_index: int | None = None) -> None:
         self.token_domain = token_domain
         self.demo_index = demo_index
-        counts = torch.bincount(token_domain + 1, minlength=len(self.domains) + 1)  # 0 = padding
-        self.tokens += counts[1:].to(self.tokens)
+        if self.count_tokens:
+            counts = torch.bincount(token_domain + 1, minlength=len(self.domains) + 1)  # 0 = padding
+            self.tokens += counts[1:].to(self.tokens)
 
     def observe(self, layer_index: int, obs: patches.MoEObservation) -> None:
         if self.pool_inputs and self.demo_index is not None:
@@ -56,17 +62,29 @@ class ExpertScorer:
                                              dtype=torch.float32))
             pooled[self.layer_row[layer_index]] = obs.moe_input[valid].float().mean(0).cpu()
         s = metrics.token_contribution(obs.residual, obs.residual + obs.routed_output)
-        packed = torch.cat([s.double()[:, None], self.token_domain.double()[:, None].to(s.device),
-                            obs.routing_map.double()], dim=1)
+        # What the EP group shares per token: s_t (fp32 bits), its domain and its top-k expert
+        # ids, as one int32 [T, 2 + k] tensor (not a float64 [T, 2 + E] routing map).
+        top_k = self._top_k_of(obs.routing_map)
+        ids = torch.nonzero_static(obs.routing_map, size=obs.routing_map.shape[0] * top_k)[:, 1]  # row-major
+        packed = torch.cat([s.float().view(torch.int32)[:, None],
+                            self.token_domain.to(device=s.device, dtype=torch.int32)[:, None],
+                            ids.to(torch.int32).view(-1, top_k)], dim=1)
         if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
             parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(self.ep_group))]
             dist.all_gather(parts, packed.contiguous(), group=self.ep_group)
             packed = torch.cat(parts, dim=0)
-        s_group, domain_group, routing_group = packed[:, 0], packed[:, 1].long(), packed[:, 2:]
+        s_group, domain_group = packed[:, 0].view(torch.float32), packed[:, 1].long()
+        ids_group = packed[:, 2:].long()  # [T_group, k]
 
         local = self._local_ids(obs.local_expert_ids, packed.device)
         rows = obs.expert_rows
-        routed_here = routing_group[:, local].bool().T  # [E_local, T_group]
+        # [E_local, T_group]: which of the group's tokens each local expert received (EP ranks
+        # hold contiguous id blocks, so the local index is id - first local id)
+        first, num_local = obs.local_expert_ids[0], len(obs.local_expert_ids)
+        routed_here = torch.zeros(num_local, ids_group.shape[0], dtype=torch.bool, device=packed.device)
+        mine = (ids_group >= first) & (ids_group < first + num_local)
+        token_of = torch.arange(ids_group.shape[0], device=packed.device)[:, None].expand_as(ids_group)
+        routed_here[(ids_group - first)[mine], token_of[mine]] = True
         # Rows are grouped by local expert, tokens in EP-group order: exactly the order of
         # routed_here.nonzero(). nonzero_static with the known row count avoids a GPU sync;
         # on CPU we also check the count (free there).
@@ -74,10 +92,10 @@ class ExpertScorer:
             raise RuntimeError(
                 f"layer {layer_index}: {rows.shape[0]} expert rows but the routing map routes "
                 f"{int(routed_here.sum())} tokens to this rank's experts; the dispatcher's row "
-                "layout is not what megatron_easyep.scoring.run assumes")
+                "layout is not what megatron_easyep.scoring.scorer assumes")
         local_expert, token = torch.nonzero_static(routed_here, size=rows.shape[0]).unbind(1)
         gate = obs.row_probs.float()
-        out_norm = rows.float().norm(dim=-1)
+        out_norm = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)  # no fp32 copy of rows
         expert_out_norm = torch.where(gate > 0, out_norm / gate.clamp_min(1e-30),
                                       torch.zeros_like(out_norm))
         # padding tokens (domain -1) land in one extra bin that is dropped
@@ -89,6 +107,12 @@ class ExpertScorer:
         for m, name in enumerate(metrics.METRICS):
             self.sums[:, m, row] += sums[name][:num_bins].view(len(self.domains),
                                                                self.num_experts)
+
+    def _top_k_of(self, routing_map: torch.Tensor) -> int:
+        """Experts per token (constant: dropless top-k routing), read once from the first map."""
+        if self._top_k is None and routing_map.shape[0]:
+            self._top_k = int(routing_map[0].sum())
+        return self._top_k or 0
 
     def _local_ids(self, ids: list[int], device) -> torch.Tensor:
         key = (tuple(ids), str(device))
@@ -138,8 +162,8 @@ def cprune_expert_features(model, scorer: ExpertScorer, num_demos: int) -> dict 
     features = []
     for row, (_, layer) in enumerate(patches.iter_moe_layers(model)):
         experts = patches.local_experts(layer.mlp)
-        param = next(experts[0].parameters())
-        x = pooled[row].to(device=param.device, dtype=param.dtype)
+        param = next(experts[0].parameters())  # its device; the dtype is the config's (weights may be FP8)
+        x = pooled[row].to(device=param.device, dtype=layer.mlp.config.params_dtype)
         local = torch.stack([expert(x)[0].float() for expert in experts])  # [E_local, N, H]
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(ep_group))]
         dist.all_gather(parts, local.contiguous(), group=ep_group)
