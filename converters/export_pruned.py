@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     keep = parser.add_mutually_exclusive_group(required=True)
     keep.add_argument("--keep", type=int, help="experts kept per MoE layer (M)")
     keep.add_argument("--keep-ratio", type=float, help="fraction of experts kept per layer; M = round(R*E)")
-    parser.add_argument("--metric", required=True, help="a metric in the score file, or 'random'")
+    parser.add_argument("--metric", required=True,
+                        help="a metric in the score file, 'reap' (mean g*||e|| over routed tokens, derived "
+                             "from the file's sums), or 'random'")
     parser.add_argument("--domains", type=_csv, default=None, help="comma-separated domains to mix (default: all)")
     parser.add_argument("--domain-weights", type=_weights, default=None, help="comma-separated weight per domain")
     parser.add_argument("--group-policy", choices=GROUP_POLICIES, default=None,

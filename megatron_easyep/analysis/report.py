@@ -13,11 +13,11 @@ import numpy as np
 
 from megatron_easyep.analysis.measures import OVERLAP_METRICS, domain_selection, random_jaccard
 from megatron_easyep.pruning import cprune
-from megatron_easyep.pruning.selection import KNOWN_METRICS, RANDOM_METRIC, group_policy_for
+from megatron_easyep.pruning.selection import RANDOM_METRIC, SELECTABLE_METRICS, group_policy_for
 
 CPRUNE, CPRUNE_GLOBAL = cprune.METRIC, cprune.GLOBAL_METRIC
 MIXED = "mixed"  # selection on all domains together (the L1 mixing rule)
-CRITERIA = (*KNOWN_METRICS, RANDOM_METRIC, CPRUNE, CPRUNE_GLOBAL)
+CRITERIA = (*SELECTABLE_METRICS, RANDOM_METRIC, CPRUNE, CPRUNE_GLOBAL)
 CSV_FIELDS = ("criterion", "seed", "selection_domain", "keep", "n_routed_experts", "group_policy",
               "eval_domain", "tokens", "kl", "top1", "nll", "ppl", "nll_full", "ppl_full",
               "selection_id")
@@ -209,7 +209,8 @@ def _seedwise_mean(cells: list[list[float]]) -> list[float]:
 STYLE = {"easyep": ("tab:red", "-", "o"), "easyep_no_token": ("tab:orange", "--", "v"),
          "easyep_no_norm": ("tab:pink", "--", "^"), "gate": ("tab:blue", "-", "s"),
          "frequency": ("tab:green", "-", "D"), "random": ("gray", ":", "x"),
-         "cprune": ("tab:purple", "-.", "P"), "cprune_global": ("tab:brown", "-.", "*")}
+         "cprune": ("tab:purple", "-.", "P"), "cprune_global": ("tab:brown", "-.", "*"),
+         "reap": ("tab:olive", "--", "h")}
 
 
 def write_plots(output, rows, scores, config, domains_overlap, demos_overlap, overlap_keep, policy) -> None:

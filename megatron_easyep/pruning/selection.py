@@ -78,6 +78,20 @@ SCORE_META_FILE = "scores.json"
 # The metrics the scoring step writes; a score file may carry any subset (or others).
 KNOWN_METRICS = ("easyep", "easyep_no_token", "easyep_no_norm", "gate", "frequency")
 RANDOM_METRIC = "random"  # not stored in the file: drawn from `seed`
+# REAP (Cerebras; llm-compressor's REAPPruningModifier): the MEAN over the tokens routed to an
+# expert of g * ||e||, where EASY-EP SUMS g * ||e|| * s. Derived from the sums the scorer keeps:
+# reap = easyep_no_token / frequency, per layer, expert and domain.
+REAP_METRIC = "reap"
+DERIVED_METRICS = {REAP_METRIC: ("easyep_no_token", "frequency")}
+SELECTABLE_METRICS = (*KNOWN_METRICS, REAP_METRIC)
+
+
+def reap_scores(gate_norm_sums: torch.Tensor, routed_counts: torch.Tensor) -> torch.Tensor:
+    """REAP_i = (sum over tokens routed to i of g * ||e||) / (number of tokens routed to i).
+    An expert no token was routed to gets 0: there is no evidence it matters, so it goes first
+    (ties among such experts break by id, as every selection here does)."""
+    routed = routed_counts > 0
+    return torch.where(routed, gate_norm_sums / routed_counts.clamp_min(1), torch.zeros_like(gate_norm_sums))
 GROUP_POLICIES = ("equal-per-group", "collapse")
 EQUAL_PER_GROUP, COLLAPSE = GROUP_POLICIES
 DEFAULT_GROUP_POLICY = "equal-per-group"
@@ -115,9 +129,18 @@ class ScoreFile:
     def n_routed_experts(self) -> int:
         return next(iter(self.tensors.values())).shape[1]
 
+    @property
+    def available_metrics(self) -> tuple[str, ...]:
+        """The stored metrics plus those derivable from them (REAP)."""
+        derived = [m for m, parts in DERIVED_METRICS.items()
+                   if m not in self.metrics and all(p in self.metrics for p in parts)]
+        return (*self.metrics, *derived)
+
     def rows(self, metric: str, domain: str | None = None) -> torch.Tensor:
         """[num_layers, n_routed_experts] float64 for `metric`, all domains when domain is None."""
         name = metric if domain is None else f"{metric}{DOMAIN_SEPARATOR}{domain}"
+        if name not in self.tensors and metric == REAP_METRIC and metric in self.available_metrics:
+            return reap_scores(*(self.rows(part, domain).double() for part in DERIVED_METRICS[metric]))
         if name not in self.tensors:
             raise SelectionError(
                 f"score file {self.directory} has no tensor {name!r} (it has {sorted(self.tensors)})"
@@ -491,9 +514,10 @@ def select_experts(
     module docstring) of a score file. Everything is validated before any score is looked at."""
     num_experts = scores.n_routed_experts
     domains = list(domains) if domains else None
-    if metric != RANDOM_METRIC and metric not in scores.metrics:
+    if metric != RANDOM_METRIC and metric not in scores.available_metrics:
         raise SelectionError(
-            f"unknown metric {metric!r}; the score file has {list(scores.metrics)} (or use {RANDOM_METRIC!r})"
+            f"unknown metric {metric!r}; the score file has {list(scores.available_metrics)} "
+            f"(or use {RANDOM_METRIC!r})"
         )
     if domains is not None:
         unknown = [d for d in domains if d not in scores.domains]
