@@ -22,6 +22,9 @@ def main(argv=None):
     parser.add_argument("--demos", action="append", required=True,
                         help="FILE or FILE:DOMAIN (repeatable)")
     parser.add_argument("--expert-parallel", type=int, default=1)
+    parser.add_argument("--pipeline-parallel", type=int, default=1,
+                        help="pipeline stages (must divide the number of ranks)")
+    parser.add_argument("--pipeline-layout", help="decoder layers per stage, e.g. 16,15,15,15")
     parser.add_argument("--dispatcher", choices=["allgather", "alltoall"], default="alltoall")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: float32 on CPU, the checkpoint's dtype on GPU")

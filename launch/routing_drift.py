@@ -26,6 +26,9 @@ def main(argv=None):
     parser.add_argument("--demos", action="append", required=True,
                         help="FILE or FILE:DOMAIN (repeatable); held-out demonstrations")
     parser.add_argument("--expert-parallel", type=int, default=1)
+    parser.add_argument("--pipeline-parallel", type=int, default=1,
+                        help="pipeline stages (must divide the number of ranks)")
+    parser.add_argument("--pipeline-layout", help="decoder layers per stage, e.g. 16,15,15,15")
     parser.add_argument("--dispatcher", choices=["allgather", "alltoall"], default="alltoall")
     parser.add_argument("--output", metavar="FILE", help="default: PRUNED/routing_drift.json")
     parser.add_argument("--max-length", type=int)
@@ -40,6 +43,7 @@ def main(argv=None):
     from megatron_easyep.analysis.routing_drift import run_drift
 
     run_drift(args.hf_checkpoint, args.pruned, args.demos, expert_parallel=args.expert_parallel,
+              pipeline_parallel=args.pipeline_parallel, pipeline_layout=args.pipeline_layout,
               dispatcher=args.dispatcher, output=args.output, max_length=args.max_length,
               dtype=args.dtype, seed=args.seed)
 

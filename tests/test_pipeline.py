@@ -21,11 +21,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_easyep.checkpoint.reader import DeepseekV3Config
+from megatron_easyep.mcore import plan
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 SCORE = str(REPO / "launch" / "score.py")
 WORKER = str(REPO / "tests" / "pipeline_worker.py")
+EVALUATE = str(REPO / "launch" / "evaluate.py")
 TIMEOUT = 420
 DOMAINS = ["math", "code"]
 
@@ -127,6 +131,15 @@ def launches(ckpt, demo_files, tmp_path_factory):
         out.mkdir()
         return out, _run(_launcher(2) + [WORKER, str(out), str(ckpt), "2,1", "1,2"])
 
+    def evaluate(nproc, *args):
+        output = root / f"eval_{nproc}"
+        output.mkdir()
+        cmd = _launcher(nproc) + [EVALUATE, "--hf-checkpoint", str(ckpt), "--dump-logits",
+                                  str(output / "logits.safetensors"), "--json", str(output / "eval.json")]
+        for spec in demo_files:
+            cmd += ["--demos", spec]
+        return output, _run(cmd + [str(a) for a in args])
+
     def bad():
         # the checkpoint without its weight files: config, tokenizer and index only
         broken = root / "no_weights"
@@ -144,6 +157,8 @@ def launches(ckpt, demo_files, tmp_path_factory):
     for name in LAUNCHES:
         if name not in futures:
             futures[name] = pool.submit(plain, name)
+    futures["eval_pp1"] = pool.submit(evaluate, 0)
+    futures["eval_pp2"] = pool.submit(evaluate, 2, "--pipeline-parallel", 2, "--pipeline-layout", "1,2")
     futures["bad"] = pool.submit(bad)
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
@@ -254,6 +269,8 @@ def test_each_stage_reads_only_its_layers_and_logits_are_bitwise_equal(launches,
             reads = ranks[stage]["reads"]
             assert sorted(reads["names"]) == sorted(mine), f"layout {spec}, stage {stage}"
             assert reads["bytes"] == sum(sizes[name] for name in mine)
+            # converters/plan.py's per-stage weights are what the stage really reads
+            assert plan.stage_weights(DeepseekV3Config.load(ckpt), "bf16", 1, counts)[stage] == reads["bytes"]
             # the logits build reads the final norm and lm_head on the last stage, nothing else more
             extra = {"model.norm.weight", "lm_head.weight"} if stage == 1 else set()
             assert sorted(ranks[stage]["logits_model_reads"]["names"]) == sorted(mine | extra)
@@ -275,3 +292,16 @@ def test_bad_pipeline_input_is_refused_before_weights_are_read(launches, case):
         assert word in error_lines[-1], f"{case}: {word!r} not in {error_lines[-1]!r}"
     assert "Traceback" not in stderr
     assert not (output / "scores.safetensors").exists()
+
+
+def test_evaluate_under_pp_gives_bitwise_equal_logits_and_nll(launches):
+    (ref_dir, ref_proc), (got_dir, got_proc) = launches["eval_pp1"].result(), launches["eval_pp2"].result()
+    _check(ref_proc, "evaluate PP=1")
+    _check(got_proc, "evaluate PP=2")
+    ref, got = load_file(ref_dir / "logits.safetensors"), load_file(got_dir / "logits.safetensors")
+    assert sorted(got) == sorted(ref) and len(ref) == len(MATH) + len(CODE)
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), f"{key}: PP=2 logits differ from PP=1"
+    results = [json.loads((d / "eval.json").read_text())["results"] for d in (ref_dir, got_dir)]
+    assert results[0] == results[1] and set(results[0]) == set(DOMAINS)
+    assert all(r["tokens"] > 0 for r in results[0].values())

@@ -25,6 +25,8 @@ class EvalRun:
     hf_checkpoint: str
     demos: list[str]
     expert_parallel: int = 1
+    pipeline_parallel: int = 1
+    pipeline_layout: str | None = None  # decoder layers per stage, "16,15,15,15"; default: even split
     dispatcher: str = "alltoall"
     dtype: str | None = None
     max_length: int | None = None
@@ -40,42 +42,59 @@ class EvalError(ValueError):
 
 def run_evaluation(run: EvalRun) -> dict:
     """Returns {domain: {"tokens", "nll", "ppl"}} (on every rank); rank 0 prints the table and
-    writes the logits file (tensors demo_{i} [T, vocab] fp32, in input order)."""
-    from megatron_easyep.mcore import parallel
+    writes the logits file (tensors demo_{i} [T, vocab] fp32, in input order). Under pipeline
+    parallelism the last stage computes the logits and the NLL; the sums are all-reduced."""
+    from megatron_easyep.mcore import parallel, pipeline
     from megatron_easyep.mcore import model as model_lib
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.scoring.run import plan_micro_batches
 
     cfg = DeepseekV3Config.load(run.hf_checkpoint)
+    stage_layers = pipeline.stage_layer_counts(cfg.num_hidden_layers, run.pipeline_parallel,
+                                               run.pipeline_layout, source=str(cfg.source))
     baseline = _load_baseline(run.baseline) if run.baseline else None  # fail before any compute
     demo_list = demos_lib.load_demos(run.demos, run.hf_checkpoint, vocab_size=cfg.vocab_size,
                                      max_length=run.max_length)
     domains = list(dict.fromkeys(d.domain for d in demo_list))
-    layout = parallel.init_parallel(run.expert_parallel, seed=run.seed)
+    layout = parallel.init_parallel(run.expert_parallel, seed=run.seed,
+                                    pipeline_parallel=run.pipeline_parallel, stage_layers=stage_layers)
     _, model = model_lib.load_megatron_model(run.hf_checkpoint, dtype=model_lib.resolve_dtype(run.dtype, cfg),
                                              expert_parallel=run.expert_parallel,
-                                             dispatcher=run.dispatcher)
+                                             dispatcher=run.dispatcher,
+                                             stage_layers=stage_layers if run.pipeline_parallel > 1 else None)
     device = next(model.parameters()).device
-    my_demos = demos_lib.shard_for_rank(demo_list, layout.dp_rank, layout.data_parallel)
-    steps = demos_lib.num_steps(len(demo_list), layout.data_parallel)
+    replicas = [demos_lib.shard_for_rank(demo_list, r, layout.data_parallel)
+                for r in range(layout.data_parallel)]
+    my_demos = replicas[layout.dp_rank]
+    # one demo per micro-batch (logits [T, vocab] are large); 2 x PP per step so stages overlap
+    schedule = plan_micro_batches([[len(d.input_ids) for _, d in rep] for rep in replicas], None,
+                                  2 * run.pipeline_parallel)
     nll_sum = torch.zeros(len(domains), dtype=torch.float64, device=device)
     count = torch.zeros(len(domains), dtype=torch.float64, device=device)
     my_logits = {}
+
+    def _add_demo(logits, index, demo):
+        ids = list(demo.input_ids)
+        if len(ids) > 1:
+            targets = torch.tensor(ids[1:], device=device)
+            nll = F.cross_entropy(logits[:-1], targets, reduction="sum")
+            d = domains.index(demo.domain)
+            nll_sum[d] += nll.double()
+            count[d] += len(ids) - 1
+        if run.dump_logits:
+            my_logits[f"demo_{index}"] = logits.cpu().contiguous()
+
     with torch.no_grad():
-        for step in range(steps):
-            index, demo = my_demos[step] if step < len(my_demos) else (None, None)
-            ids = list(demo.input_ids) if demo else []
-            length = parallel.max_over_world(len(ids), device)
-            logits = model_lib.forward_padded(model, ids, length)[:len(ids)].float()
-            if demo is None:
-                continue
-            if len(ids) > 1:
-                targets = torch.tensor(ids[1:], device=device)
-                nll = F.cross_entropy(logits[:-1], targets, reduction="sum")
-                d = domains.index(demo.domain)
-                nll_sum[d] += nll.double()
-                count[d] += len(ids) - 1
-            if run.dump_logits:
-                my_logits[f"demo_{index}"] = logits.cpu().contiguous()
+        for step in schedule:
+            members = [[my_demos[pos] for pos in slot.members[layout.dp_rank]] for slot in step]
+            batches = [pipeline.padded_batch([list(d.input_ids) for _, d in m], slot.length, slot.rows, device)
+                       for m, slot in zip(members, step)]
+            outputs = pipeline.forward_micro_batches(model, batches)
+            for m, output in zip(members, outputs):
+                if not m or output is None:  # an empty slot, or not the last stage
+                    continue
+                (index, demo), = m
+                _add_demo(output[0, :len(demo.input_ids)].float(), index, demo)
     if dist.get_world_size() > 1:
         dist.all_reduce(nll_sum)
         dist.all_reduce(count)

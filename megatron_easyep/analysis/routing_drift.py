@@ -263,6 +263,7 @@ def _observe_routers(model, plan: PrunedPlan, state: dict, sums: dict):
 
 
 def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 1,
+              pipeline_parallel: int = 1, pipeline_layout: str | None = None,
               dispatcher: str = "alltoall", output: str | os.PathLike | None = None,
               max_length: int | None = None, dtype: str | None = None, seed: int = 1234) -> dict:
     """Run the ORIGINAL model (Megatron-Core, this process's rank of a torchrun world) over the
@@ -272,13 +273,16 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
     import torch.distributed as dist
 
     from megatron_easyep.scoring import demos as demos_lib
-    from megatron_easyep.mcore import parallel
+    from megatron_easyep.mcore import parallel, pipeline
     from megatron_easyep.mcore import model as model_lib
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.scoring.run import plan_micro_batches
 
     # every input check before the (slow) model load
     plan = load_pruned_plan(src_ckpt, pruned_dir)
     cfg = DeepseekV3Config.load(src_ckpt)
+    stage_layers = pipeline.stage_layer_counts(cfg.num_hidden_layers, pipeline_parallel, pipeline_layout,
+                                               source=str(cfg.source))
     demo_list = demos_lib.load_demos(demos, src_ckpt, vocab_size=cfg.vocab_size,
                                      max_length=max_length)
     output = Path(output) if output else Path(pruned_dir) / DRIFT_FILE
@@ -288,13 +292,15 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
         raise RoutingDriftError(f"the directory of --output {output} does not exist")
     torch_dtype = model_lib.resolve_dtype(dtype, cfg)
 
-    layout = parallel.init_parallel(expert_parallel, seed=seed)
+    layout = parallel.init_parallel(expert_parallel, seed=seed, pipeline_parallel=pipeline_parallel,
+                                    stage_layers=stage_layers)
     _, model = model_lib.load_megatron_model(src_ckpt, dtype=torch_dtype,
-                                             expert_parallel=expert_parallel, dispatcher=dispatcher)
+                                             expert_parallel=expert_parallel, dispatcher=dispatcher,
+                                             stage_layers=stage_layers if pipeline_parallel > 1 else None,
+                                             logits=False)
     device = next(model.parameters()).device
-    from megatron_easyep.mcore.patches import iter_moe_layers
-
-    model_layers = [index for index, _ in iter_moe_layers(model)]
+    # every stage's MoE layers (global ids); a stage fills its own rows, the all-reduce the rest
+    model_layers = pipeline.moe_layer_ids(model.config)
     sums = {index: [0.0] * (len(SUM_KEYS) + 1) for index in model_layers}
     skipped = {}
     for layer in sorted(plan.kept):
@@ -307,16 +313,25 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
 
     state = {"tokens": 0}
     handles = _observe_routers(model, plan, state, sums)
-    my_demos = demos_lib.shard_for_rank(demo_list, layout.dp_rank, layout.data_parallel)
-    steps = demos_lib.num_steps(len(demo_list), layout.data_parallel)
+    replicas = [demos_lib.shard_for_rank(demo_list, r, layout.data_parallel)
+                for r in range(layout.data_parallel)]
+    my_demos = replicas[layout.dp_rank]
+    # one demo per micro-batch (the hooks take a micro-batch's first `tokens` rows as its real
+    # tokens); 2 x PP per step so the stages overlap
+    schedule = plan_micro_batches([[len(d.input_ids) for _, d in rep] for rep in replicas], None,
+                                  2 * pipeline_parallel)
     try:
         with torch.no_grad():
-            for step in range(steps):
-                demo = my_demos[step][1] if step < len(my_demos) else None
-                ids = list(demo.input_ids) if demo else []
-                length = parallel.max_over_world(len(ids), device)
-                state["tokens"] = len(ids)
-                model_lib.forward_padded(model, ids, length)
+            for step in schedule:
+                seqs = [[list(my_demos[pos][1].input_ids) for pos in slot.members[layout.dp_rank]]
+                        for slot in step]
+                batches = [pipeline.padded_batch(s, slot.length, slot.rows, device)
+                           for s, slot in zip(seqs, step)]
+
+                def before_micro_batch(m, seqs=seqs):
+                    state["tokens"] = sum(len(ids) for ids in seqs[m])
+
+                pipeline.forward_micro_batches(model, batches, before_micro_batch)
     finally:
         for handle in handles:
             handle.remove()
