@@ -2,14 +2,17 @@
 
     python converters/plan.py (--hf-checkpoint DIR | --config config.json) \
         --gpus-per-node 8 --gpu-memory-gib 80 [--keep 192 128 ...] [--dtype bf16|fp8] \
-        [--max-length 4096] [--overhead-gib 3] [--serve-kv-tokens 65536] [--json FILE]
+        [--max-length 4096] [--imbalance 2] [--max-pp 16] [--overhead-gib 3] \
+        [--serve-kv-tokens 65536] [--json FILE]
 
-Prints the parameter and byte counts per component, (a) the expert-parallel layouts that fit the
-full model for scoring with megatron-easyep (TP=1, PP=1, EP any divisor; PP>1 shown but not
-supported), and (b) for each kept-expert count M the smallest GPU count that serves the pruned
-model with FP8 weights. --dtype is the weight dtype in memory while scoring: bf16 is what the
-loader does today (FP8 checkpoints are dequantised); fp8 assumes weights kept in FP8 (the
-Transformer Engine path). No tensor is read. A bad request exits with code 2.
+Prints the parameter and byte counts per component, (a) the PP x EP layouts that fit the full
+model for scoring with megatron-easyep (TP=1; per-stage memory with uneven stages, no lm_head or
+logits) with the exact torchrun line, and (b) for each kept-expert count M the smallest GPU count
+that serves the pruned model with FP8 weights. --dtype is the weight dtype in memory while
+scoring; by default as the loader holds them: FP8-resident for an FP8 checkpoint (fp8), bf16
+otherwise; bf16 for an FP8 checkpoint means --dequantize-at-load. --json writes the plan,
+including "recommended" {pp, ep, gpus, nodes, stage_layers}, which the SLURM templates read.
+No tensor is read. A bad request exits with code 2.
 """
 
 from __future__ import annotations
@@ -35,10 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=int, nargs="+", default=None,
                         help="kept experts per layer to plan serving for (default: E, 3E/4, E/2, "
                              "3E/8, E/4, E/8)")
-    parser.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
-                        help="weights in memory while scoring (default bf16, what the loader does)")
+    parser.add_argument("--dtype", choices=["bf16", "fp8"], default=None,
+                        help="weights in memory while scoring (default: as the loader holds them, "
+                             "fp8 = FP8-resident for an FP8 checkpoint, else bf16)")
     parser.add_argument("--max-length", type=int, default=4096,
-                        help="tokens of the longest scored sequence (activation estimate)")
+                        help="tokens of the longest scored sequence / micro-batch (activation estimate)")
+    parser.add_argument("--imbalance", type=float, default=2.0,
+                        help="routing imbalance: the busiest rank's routed rows over its fair share")
+    parser.add_argument("--max-pp", type=int, default=16, help="largest pipeline size to consider")
+    parser.add_argument("--checkpoint-path", default=None,
+                        help="checkpoint path to print in the torchrun line (default: --hf-checkpoint or CKPT)")
     parser.add_argument("--overhead-gib", type=float, default=3.0,
                         help="fixed per-rank overhead while scoring: CUDA context, NCCL, allocator")
     parser.add_argument("--serve-kv-tokens", type=int, default=plan.ServeAssumptions.kv_tokens,
@@ -56,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--gpu-memory-gib must be > 0, got {args.gpu_memory_gib}")
         if args.max_length < 1 or args.serve_kv_tokens < 0 or args.overhead_gib < 0:
             raise ValueError("--max-length must be >= 1; --serve-kv-tokens, --overhead-gib >= 0")
+        if not args.imbalance >= 1 or args.max_pp < 1:
+            raise ValueError("--imbalance must be >= 1 and --max-pp >= 1")
         if args.config:
             path = Path(args.config)
             if not path.is_file():
@@ -74,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         report = plan.build_report(
             cfg, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
             keeps=args.keep, dtype=args.dtype, tokens=args.max_length,
-            overhead_gib=args.overhead_gib,
+            overhead_gib=args.overhead_gib, imbalance=args.imbalance, max_pp=args.max_pp,
+            checkpoint=args.checkpoint_path or args.hf_checkpoint or "CKPT",
             serve=plan.ServeAssumptions(kv_tokens=args.serve_kv_tokens))
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"plan: error: {err}", file=sys.stderr)

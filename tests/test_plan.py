@@ -161,33 +161,67 @@ def test_counts_equal_the_tensors_of_a_generated_checkpoint(tiny_checkpoint_fact
 # 3. layouts
 # --------------------------------------------------------------------------------------------
 
-def test_scoring_layout_for_deepseek_v3_on_80gib_gpus(v3):
-    size = plan.model_size(v3)
-    layouts = plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
-    supported = [l for l in layouts if l.supported]
-    best = supported[0]
-    assert (best.ep, best.pp, best.gpus, best.nodes) == (64, 1, 64, 8)
-    # weights per rank: everything but the routed experts, plus 1/64 of them, in bf16
-    replicated = 2 * (V3_TOTAL - 58 * 256 * EXPERT - 58 * 256) + 4 * 58 * 256
-    assert best.weights_bytes == int(replicated + 2 * 58 * 256 * EXPERT / 64)
-    assert best.weights_bytes == int(size.bytes("bf16", scope="main", exclude={"routed_experts"})
-                                     + size.bytes("bf16", categories={"routed_experts"}, scope="main") / 64)
+# bf16 bytes one rank holds per decoder layer at EP=8, by hand
+DENSE_LAYER_BF16 = 2 * (ATTENTION + LAYER_NORMS + 3 * 7168 * 18432)
+MOE_LAYER_BF16_EP8 = 2 * (ATTENTION + LAYER_NORMS + EXPERT + 256 * 7168) + 4 * 256 + 2 * 32 * EXPERT
+H100 = int(79.6 * GIB)  # what an 80 GB GPU reports
+
+
+def test_bf16_scoring_at_16k_tokens_on_four_nodes_is_pp4_x_ep8(v3):
+    layouts = plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=H100, dtype="bf16", tokens=16384)
+    best = layouts[0]
+    assert (best.pp, best.ep, best.gpus, best.nodes, best.gpus_per_node) == (4, 8, 32, 4, 8)
+    assert best.stage_layers == (16, 15, 15, 15) and best.ep_within_node  # one stage per node
+    # stage 0: embedding + 3 dense + 13 MoE layers; the others 15 MoE layers; no lm_head, no norm
+    assert best.stage_weight_bytes == (2 * EMBEDDING + 3 * DENSE_LAYER_BF16 + 13 * MOE_LAYER_BF16_EP8,
+                                       15 * MOE_LAYER_BF16_EP8, 15 * MOE_LAYER_BF16_EP8,
+                                       15 * MOE_LAYER_BF16_EP8)
+    assert best.weights_bytes == 15 * MOE_LAYER_BF16_EP8
+    assert abs(best.weights_bytes / GIB - 45.9) < 0.05  # shared/reference/scale-and-fp8.md
     assert best.activation_bytes == sum(plan.scoring_activation_bytes(
-        v3, tokens=4096, expert_parallel=64).values())
-    assert best.per_rank_bytes <= 80 * GIB
-    # EP=32 misses: 34.2 GB replicated + 40.9 GB of experts + margin > 80 GiB
-    assert all(l.ep != 32 for l in supported)
-    # with PP it could be fewer GPUs (reported, not supported)
-    assert min(l.gpus for l in layouts if not l.supported) < 64
+        v3, tokens=16384, expert_parallel=8).values())
+    assert best.per_rank_bytes <= H100
+    # nothing on fewer GPUs fits: PP=3 x EP=8 holds 20-21 layers per rank
+    assert all(l.gpus >= 32 for l in layouts)
+    line = best.torchrun(checkpoint="/ckpt", tokens=16384, dequantize_at_load=True)
+    assert line == ("torchrun --nnodes 4 --nproc-per-node 8 --node-rank $NODE_RANK --master-addr "
+                    "$MASTER_ADDR --master-port 29500 launch/score.py --hf-checkpoint /ckpt "
+                    "--expert-parallel 8 --pipeline-parallel 4 --pipeline-layout 16,15,15,15 "
+                    "--max-length 16384 --dequantize-at-load")
 
 
-def test_scoring_layout_on_141gib_gpus_and_fp8_weights(v3):
-    best = [l for l in plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=141 * GIB)
-            if l.supported][0]
-    assert (best.ep, best.gpus, best.nodes) == (16, 16, 2)
-    best_fp8 = [l for l in plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=80 * GIB,
-                                                dtype="fp8") if l.supported][0]
-    assert best_fp8.ep == 16
+def test_fp8_resident_scoring_at_16k_tokens_on_two_nodes_is_pp2_x_ep8(v3):
+    best = plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=H100, dtype="fp8", tokens=16384)[0]
+    assert (best.pp, best.ep, best.gpus, best.nodes) == (2, 8, 16, 2)
+    assert best.stage_layers == (31, 30)
+    assert abs(best.weights_bytes / GIB - 46) < 0.5  # shared/reference/scale-and-fp8.md: ~46
+    assert "fp8_dequant" in plan.scoring_activation_bytes(v3, tokens=16, expert_parallel=8, fp8_resident=True)
+    # over both stages at EP = 1 the stages hold the whole main model but lm_head and final norm
+    size = plan.model_size(v3)
+    for dtype in ("bf16", "fp8"):
+        assert sum(plan.stage_weights(v3, dtype, 1, [31, 30])) == size.bytes(
+            dtype, scope="main", exclude={"lm_head", "final_norm"})
+
+
+def test_pp1_layouts_and_the_imbalance_factor(v3):
+    layouts = plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=80 * GIB, max_pp=1, dtype="bf16")
+    best = layouts[0]
+    # EP=32 fits at 4k tokens now that scoring builds no lm_head (1.7 GiB) and no logits (2 GiB)
+    assert (best.ep, best.pp, best.gpus, best.nodes) == (32, 1, 32, 4)
+    replicated = 2 * (V3_TOTAL - 58 * 256 * EXPERT - 58 * 256 - EMBEDDING - 7168) + 4 * 58 * 256
+    assert best.weights_bytes == int(replicated + 2 * 58 * 256 * EXPERT / 32)  # no lm_head, no norm
+    assert abs(best.weights_bytes / GIB - (69.9 - 1.7)) < 0.1  # scale-and-fp8.md, less lm_head
+    assert all(l.ep >= 32 for l in layouts)  # EP=16 misses at PP=1
+    one = plan.scoring_activation_bytes(v3, tokens=4096, expert_parallel=8, imbalance=1.0)
+    three = plan.scoring_activation_bytes(v3, tokens=4096, expert_parallel=8, imbalance=3.0)
+    assert three["moe_dispatch"] == 3 * one["moe_dispatch"] == 3 * 4096 * 8 * (4 * 7168 + 4 * 2048) * 2
+    assert "logits" not in one  # scoring builds no output layer
+    assert plan.logits_bytes(v3, 16384) == 2 * 16384 * 129280 * 2
+
+
+def test_scoring_layout_on_141gib_gpus(v3):
+    best = plan.scoring_layouts(v3, gpus_per_node=8, gpu_memory_bytes=141 * GIB, dtype="bf16")[0]
+    assert best.gpus == 16 and best.ep_within_node
 
 
 def test_serving_layouts_for_deepseek_v3(v3):
@@ -242,20 +276,41 @@ def test_plan_command(v3_config_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "671.03 B main model" in text and "36.63 B activated" in text
-    assert "-> smallest: EP=64 on 64 GPUs (8 node(s) x 8)" in text
-    assert "NOT supported yet" in text and "TP=1, PP=1" in text
+    # the V3 config is an FP8 checkpoint: FP8-resident weights by default
+    assert "weights: FP8-resident" in text and "tensor parallelism is not supported" in text
     assert re.search(r"^\s+256\s.*\s16\s+2\s+8\s+16\s", text, re.M), text
     assert re.search(r"^\s+128\s.*\s8\s+1\s+8\s+8\s", text, re.M), text
     data = json.loads(out_json.read_text())
     assert data["total_params"] == V3_TOTAL
     assert [r["layout"]["gpus"] for r in data["serving"]] == [16, 8]
+    assert data["weights"] == "fp8" and data["recommended"]["pp"] * data["recommended"]["ep"] == \
+        data["recommended"]["gpus"]
+
+
+def test_plan_command_recommends_pp_x_ep_at_16k(v3_config_file, tmp_path):
+    out_json = tmp_path / "plan.json"
+    proc = _plan("--config", str(v3_config_file), "--gpus-per-node", "8", "--gpu-memory-gib", "79.6",
+                 "--max-length", "16384", "--dtype", "bf16", "--checkpoint-path", "/data/v3",
+                 "--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr
+    assert "-> smallest: PP=4 x EP=8 on 32 GPUs (4 node(s) x 8)" in proc.stdout
+    assert ("launch/score.py --hf-checkpoint /data/v3 --expert-parallel 8 --pipeline-parallel 4 "
+            "--pipeline-layout 16,15,15,15 --max-length 16384 --dequantize-at-load") in proc.stdout
+    assert "saves 1.7 GiB of weights" in proc.stdout
+    data = json.loads(out_json.read_text())
+    assert data["recommended"] == {"pp": 4, "ep": 8, "gpus": 32, "nodes": 4, "gpus_per_node": 8,
+                                   "stage_layers": [16, 15, 15, 15]}
+    assert data["scoring"][0]["torchrun"].startswith("torchrun --nnodes 4 --nproc-per-node 8")
+    fp8 = _plan("--config", str(v3_config_file), "--gpus-per-node", "8", "--gpu-memory-gib", "79.6",
+                "--max-length", "16384")
+    assert "-> smallest: PP=2 x EP=8 on 16 GPUs (2 node(s) x 8)" in fp8.stdout
 
 
 def test_plan_command_from_a_checkpoint_dir(tiny_ckpt, capsys):
     assert _plan_main()(["--hf-checkpoint", str(tiny_ckpt), "--gpus-per-node", "2",
                          "--gpu-memory-gib", "8"]) == 0
     out = capsys.readouterr().out
-    assert "-> smallest: EP=1 on 1 GPUs" in out
+    assert "-> smallest: PP=1 x EP=1 on 1 GPUs" in out
     assert re.search(r"^\s+16\s", out, re.M)  # default keeps start at E = 16
 
 
@@ -263,6 +318,7 @@ def test_plan_command_from_a_checkpoint_dir(tiny_ckpt, capsys):
     (["--keep", "300"], "--keep 300: must be between 1 and n_routed_experts 256"),
     (["--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
     (["--gpu-memory-gib", "-1"], "--gpu-memory-gib must be > 0"),
+    (["--imbalance", "0.5"], "--imbalance must be >= 1"),
 ])
 def test_plan_command_rejects_bad_input(v3_config_file, args, message, capsys):
     base = ["--config", str(v3_config_file), "--gpus-per-node", "8", "--gpu-memory-gib", "80"]

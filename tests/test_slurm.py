@@ -72,6 +72,7 @@ def _env(tmp_path: Path, *, shims=(), **slurm) -> dict:
         path.insert(0, str(_shim_dir(tmp_path, *shims)))
     env["PATH"] = os.pathsep.join(path)
     env["EASYEP_PYTHON"] = sys.executable
+    env["EASYEP_GPU_MEMORY_GIB"] = "none"  # no converters/plan.py layout unless a test asks (GPU hosts)
     env["SRUN_LOG"] = str(tmp_path / "srun.log")
     env.update({k: str(v) for k, v in slurm.items()})
     return env
@@ -156,7 +157,66 @@ def test_multi_node_command_line(tmp_path, tiny_ckpt, demos):
     assert cmd.endswith("--expert-parallel 16")  # gcd(4 x 8, 16 experts)
     assert "--resume" not in cmd
     assert f"--log-dir {tmp_path}/out.logs/job123456-restart0/node0 --redirects 3 --tee 3" in cmd
-    assert "world 32: expert parallel 16, data parallel 2" in proc.stderr
+    assert "world 32: pipeline parallel 1, expert parallel 16, data parallel 2" in proc.stderr
+
+
+V3_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "first_k_dense_replace": 3, "moe_layer_freq": 1, "n_routed_experts": 256, "n_shared_experts": 1,
+    "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True,
+    "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                            "weight_block_size": [128, 128]},
+}
+
+
+@pytest.mark.parametrize("extra, nodes, layout", [
+    # bf16 (FP8 checkpoint dequantised at load): PP=4 x EP=8, a stage per node
+    (["--dequantize-at-load"], 4, ("4", "8", "16,15,15,15", "data parallel 1")),
+    # FP8-resident (the loader's default): PP=2 x EP=8 fits 2 nodes; 4 nodes run 2 replicas
+    ([], 4, ("2", "8", "31,30", "data parallel 2")),
+])
+def test_layout_comes_from_the_plan(tmp_path, demos, extra, nodes, layout):
+    """DeepSeek-V3 (config only: nothing is read in a dry run) on 8 x 80 GB nodes at 16k tokens:
+    the layout is converters/plan.py's, not gcd(world, E) (EP=32 on 4 nodes runs out of memory)."""
+    import json
+
+    ckpt = tmp_path / "v3"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(V3_CONFIG))
+    proc = _launch(tmp_path, _score_args(ckpt, demos, tmp_path / "out", "--max-length", "16384", *extra),
+                   shims=("srun",), EASYEP_DRY_RUN=1, SLURM_JOB_ID=7, SLURM_JOB_NUM_NODES=nodes,
+                   SLURM_JOB_NODELIST="gpu[1-4]", SLURM_GPUS_ON_NODE=8, EASYEP_GPU_MEMORY_GIB="79.6")
+    assert proc.returncode == 0, proc.stderr
+    pp, ep, stages, dp = layout
+    cmd = " ".join(_torchrun_line(proc)).replace("\\,", ",")  # the dry run prints printf %q
+    assert f"--pipeline-parallel {pp} --pipeline-layout {stages} --expert-parallel {ep}" in cmd
+    assert cmd.count("--expert-parallel") == 1
+    assert f"pipeline parallel {pp}, expert parallel {ep}, {dp}" in proc.stderr
+    plan = json.loads((tmp_path / "out.logs" / "job7-restart0" / "plan.json").read_text())
+    assert plan["recommended"]["pp"] == int(pp)
+
+
+def test_plan_layout_larger_than_the_allocation_is_refused(tmp_path, demos):
+    import json
+
+    ckpt = tmp_path / "v3"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(V3_CONFIG))
+    proc = _launch(tmp_path, _score_args(ckpt, demos, tmp_path / "out", "--max-length", "16384",
+                                         "--dequantize-at-load"),
+                   shims=("srun",), EASYEP_DRY_RUN=1, SLURM_JOB_NUM_NODES=2, SLURM_JOB_NODELIST="gpu[1-2]",
+                   SLURM_GPUS_ON_NODE=8, EASYEP_GPU_MEMORY_GIB="79.6")
+    assert proc.returncode == 2
+    assert "PP=4 x EP=8 (32 GPUs)" in proc.stderr and "16 ranks" in proc.stderr
 
 
 def test_head_node_from_scontrol_and_explicit_settings(tmp_path, tiny_ckpt, demos):

@@ -10,9 +10,13 @@
 #     a single node uses torchrun --standalone (a free local port).
 #   * processes per node: EASYEP_NPROC_PER_NODE, else SLURM_GPUS_ON_NODE, else
 #     SLURM_NTASKS_PER_NODE, else 1.
-#   * expert parallel size: --expert-parallel if given, else EASYEP_EXPERT_PARALLEL, else the
-#     largest EP the allocation allows: gcd(world size, n_routed_experts); the other factor is
-#     data parallel.
+#   * layout (pipeline x expert parallel): --pipeline-parallel / --expert-parallel if given (or
+#     EASYEP_PIPELINE_PARALLEL / EASYEP_EXPERT_PARALLEL); otherwise, when the GPU memory is known
+#     (EASYEP_GPU_MEMORY_GIB, else nvidia-smi on the first node), the layout converters/plan.py
+#     recommends for this node shape (EASYEP_GPU_MEMORY_GIB=none switches planning off), --max-length (or --micro-batch-tokens) and the weights as
+#     the loader holds them (its JSON "recommended": PP, EP and the stage layout; the plan is kept
+#     in the log directory); without a memory figure (or with only PP given) EP = gcd(world size /
+#     PP, n_routed_experts). Ranks beyond PP x EP are data parallel.
 #   * per-rank logs: torchrun --log-dir OUTPUT.logs/job<ID>-restart<N>/node<K>: every rank's
 #     stdout/stderr in its own file (<run>/attempt_0/<local rank>/{stdout,stderr}.log, --redirects 3),
 #     also echoed to the job log with a "[host rank N]:" prefix (--tee 3).
@@ -22,11 +26,13 @@
 #     --demos) are taken from SLURM_SUBMIT_DIR (else the current directory).
 #
 # Environment: EASYEP_PYTHON (default REPO/.venv/bin/python, else python3), EASYEP_MASTER_PORT,
-# EASYEP_NPROC_PER_NODE, EASYEP_EXPERT_PARALLEL, EASYEP_LOG_DIR, EASYEP_DRY_RUN=1 (print the
+# EASYEP_NPROC_PER_NODE, EASYEP_EXPERT_PARALLEL, EASYEP_PIPELINE_PARALLEL, EASYEP_GPU_MEMORY_GIB,
+# EASYEP_LOG_DIR, EASYEP_DRY_RUN=1 (print the
 # commands instead of running them), EASYEP_NO_SRUN=1 (run torchrun directly, one node only).
 # Without srun on PATH (a local test) the node task runs directly as well.
 set -euo pipefail
 
+PLAN_FILES=()
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 REPO="$(cd "$(dirname "$SELF")/../.." && pwd)"
 
@@ -128,7 +134,7 @@ node_main() {
 # job: work out the layout, then one node task per node
 # ---------------------------------------------------------------------------------------------
 job_main() {
-  local args=("$@") output="" ckpt="" ep="" resume=0 i
+  local args=("$@") output="" ckpt="" ep="" pp="" layout="" tokens="" mbt="" dequant=0 resume=0 i
   for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[i]}" in
       --output) output="${args[i + 1]:-}" ;;
@@ -137,6 +143,15 @@ job_main() {
       --hf-checkpoint=*) ckpt="${args[i]#--hf-checkpoint=}" ;;
       --expert-parallel) ep="${args[i + 1]:-}" ;;
       --expert-parallel=*) ep="${args[i]#--expert-parallel=}" ;;
+      --pipeline-parallel) pp="${args[i + 1]:-}" ;;
+      --pipeline-parallel=*) pp="${args[i]#--pipeline-parallel=}" ;;
+      --pipeline-layout) layout="${args[i + 1]:-}" ;;
+      --pipeline-layout=*) layout="${args[i]#--pipeline-layout=}" ;;
+      --max-length) tokens="${args[i + 1]:-}" ;;
+      --max-length=*) tokens="${args[i]#--max-length=}" ;;
+      --micro-batch-tokens) mbt="${args[i + 1]:-}" ;;
+      --micro-batch-tokens=*) mbt="${args[i]#--micro-batch-tokens=}" ;;
+      --dequantize-at-load) dequant=1 ;;
       --resume) resume=1 ;;
       --config | --config=*) die "pass score.py options on the command line (--config files are not read by this launcher: it needs --output and --hf-checkpoint itself)" ;;
     esac
@@ -172,12 +187,57 @@ job_main() {
   local experts
   experts="$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))["n_routed_experts"])' "$ckpt/config.json")" \
     || die "cannot read n_routed_experts from $ckpt/config.json"
+  [[ -n "$ep" ]] || ep="${EASYEP_EXPERT_PARALLEL:-}"
+  [[ -n "$pp" ]] || pp="${EASYEP_PIPELINE_PARALLEL:-}"
+  local planned=""
+  if [[ -z "$ep" && -z "$pp" ]]; then
+    local memory="${EASYEP_GPU_MEMORY_GIB:-}"
+    if [[ "$memory" == none ]]; then
+      memory=""  # planning switched off: EP = gcd(world, n_routed_experts)
+    elif [[ -z "$memory" ]] && command -v nvidia-smi >/dev/null 2>&1; then
+      memory="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 |
+        awk '{ if ($1 > 0) printf "%.1f", $1 / 1024 }')" || memory=""
+    fi
+    if [[ -n "$memory" ]]; then
+      local plan_tokens="${mbt:-${tokens:-4096}}" plan_json
+      plan_json="$(mktemp)"
+      local plan_cmd=("$py" "$REPO/converters/plan.py" --hf-checkpoint "$ckpt" --gpus-per-node "$nproc"
+        --gpu-memory-gib "$memory" --max-length "$plan_tokens" --checkpoint-path "$ckpt" --json "$plan_json")
+      ((dequant == 0)) || plan_cmd+=(--dtype bf16)
+      PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${plan_cmd[@]}" >"$plan_json.txt" \
+        || die "converters/plan.py failed: $(tail -n 3 "$plan_json.txt")"
+      planned="$("$py" -c 'import json, sys
+r = json.load(open(sys.argv[1]))["recommended"]
+print("" if r is None else " ".join(map(str, [r["pp"], r["ep"], r["gpus"], ",".join(map(str, r["stage_layers"]))])))' "$plan_json")" \
+        || die "cannot read the plan in $plan_json"
+      [[ -n "$planned" ]] || die "converters/plan.py finds no PP x EP layout that fits $nproc x $memory GiB GPUs at $plan_tokens tokens (see $plan_json.txt)"
+      local plan_gpus
+      read -r pp ep plan_gpus layout <<<"$planned"
+      ((world % plan_gpus == 0)) || die "converters/plan.py recommends PP=$pp x EP=$ep ($plan_gpus GPUs) for $memory GiB GPUs at $plan_tokens tokens, but this allocation has $world ranks ($nnodes nodes x $nproc): allocate a multiple of $(((plan_gpus + nproc - 1) / nproc)) node(s)"
+      log "converters/plan.py ($memory GiB per GPU, $plan_tokens tokens): PP=$pp x EP=$ep, stages $layout"
+      PLAN_FILES=("$plan_json" "$plan_json.txt")
+      args+=(--pipeline-parallel "$pp" --pipeline-layout "$layout" --expert-parallel "$ep")
+    fi
+  fi
+  if [[ -z "$pp" ]]; then
+    pp=1
+  elif [[ -z "$planned" ]] && ! printf '%s\n' "${args[@]}" | grep -q -- '^--pipeline-parallel'; then
+    args+=(--pipeline-parallel "$pp")
+  fi
+  is_positive_int "$pp" || die "bad pipeline parallel size '$pp'"
+  ((world % pp == 0)) || die "pipeline parallel $pp does not divide the world size $world ($nnodes nodes x $nproc)"
   if [[ -z "$ep" ]]; then
-    ep="${EASYEP_EXPERT_PARALLEL:-$(gcd "$world" "$experts")}"
+    ep="$(gcd $((world / pp)) "$experts")"
+    args+=(--expert-parallel "$ep")
+  elif [[ -z "$planned" ]] && ! printf '%s\n' "${args[@]}" | grep -q -- '^--expert-parallel'; then
     args+=(--expert-parallel "$ep")
   fi
   is_positive_int "$ep" || die "bad expert parallel size '$ep'"
-  ((world % ep == 0)) || die "expert parallel $ep does not divide the world size $world ($nnodes nodes x $nproc)"
+  if ((pp > 1)); then
+    (((world / pp) % ep == 0)) || die "expert parallel $ep does not divide the ranks per pipeline stage, $((world / pp)) (world $world / pipeline parallel $pp)"
+  else
+    ((world % ep == 0)) || die "expert parallel $ep does not divide the world size $world ($nnodes nodes x $nproc)"
+  fi
   ((experts % ep == 0)) || die "expert parallel $ep does not divide n_routed_experts $experts"
 
   local restarts="${SLURM_RESTART_COUNT:-0}"
@@ -207,6 +267,10 @@ job_main() {
   head="$(head_node "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-$(hostname)}}")"
   port="${EASYEP_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-$$} % 20000))}"
   mkdir -p "$log_dir"
+  if ((${#PLAN_FILES[@]} > 0)); then
+    mv "${PLAN_FILES[0]}" "$log_dir/plan.json"
+    mv "${PLAN_FILES[1]}" "$log_dir/plan.txt"
+  fi
   local args_file="$log_dir/score_args"
   printf '%s\0' "${args[@]}" >"$args_file"
 
@@ -221,7 +285,7 @@ job_main() {
   fi
   local where="rendezvous ${head}:${port}"
   ((nnodes > 1)) || where="single node (torchrun --standalone)"
-  log "$nnodes node(s) x $nproc process(es) = world $world: expert parallel $ep, data parallel $((world / ep)); $where; logs in $log_dir"
+  log "$nnodes node(s) x $nproc process(es) = world $world: pipeline parallel $pp, expert parallel $ep, data parallel $((world / pp / ep)); $where; logs in $log_dir"
 
   if [[ "${EASYEP_NO_SRUN:-0}" != 1 ]] && command -v srun >/dev/null 2>&1; then
     local srun_cmd=(srun --nodes "$nnodes" --ntasks "$nnodes" --ntasks-per-node 1

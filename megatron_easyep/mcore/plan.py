@@ -5,11 +5,12 @@ Every number is computed from the config (no tensor is read): parameter counts p
 their bytes in bf16 or in DeepSeek's FP8 layout (e4m3 + a float32 scale per 128x128 block), an
 explicit per-rank activation/workspace estimate, and from those:
 
-  (a) the expert-parallel layouts that fit the FULL model for scoring with megatron-easyep, which
-      today runs TP = 1, PP = 1 and EP = any divisor of n_routed_experts (and of the world size):
-      every rank holds the non-expert weights whole and n_routed_experts / EP experts per MoE
-      layer; extra ranks beyond EP are data-parallel replicas. The PP > 1 layouts that would fit
-      are listed too, marked as not supported yet (see PP_NOTE).
+  (a) the PP x EP layouts that fit the FULL model for scoring with megatron-easyep (TP = 1, not
+      supported; PP stages hold contiguous layer runs, EP groups live inside a stage): every rank
+      holds its stage's non-expert weights whole and n_routed_experts / EP experts of each of its
+      MoE layers; the first stage also holds the embedding; scoring builds no final norm, no
+      lm_head and no logits. Weights are counted as the loader holds them (bf16, or FP8-resident
+      for FP8 checkpoints), and the exact torchrun line is printed.
   (b) for each kept-expert count M, the smallest number of GPUs that serves the pruned model with
       FP8 weights (see ServeAssumptions for the serving layout assumed).
 
@@ -28,13 +29,7 @@ from megatron_easyep.checkpoint.reader import DeepseekV3Config
 GIB = 1024**3
 DEFAULT_BLOCK = (128, 128)
 
-PP_NOTE = (
-    "PP > 1 is not supported by megatron-easyep yet. It would need: build_model with "
-    "pre_process/post_process per stage and the stage's layer range, the weight loader's "
-    "layer_offset (mapping.hf_source already takes one), a forward-only pipeline schedule "
-    "(megatron.core.pipeline_parallel.get_forward_backward_func) instead of one model call, "
-    "scores gathered over the pipeline group (each stage scores its own MoE layers), and the "
-    "layer indices in scores.json offset per stage.")
+TP_NOTE = "tensor parallelism is not supported"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,37 +181,71 @@ def model_size(cfg: DeepseekV3Config, experts: int | None = None, block=None) ->
 
 
 # ------------------------------------------------------------------------------------------------
-# Activations and workspace (per rank, scoring one sequence)
+# Activations and workspace (per rank, scoring one micro-batch)
 # ------------------------------------------------------------------------------------------------
 
 def scoring_activation_bytes(cfg: DeepseekV3Config, *, tokens: int, expert_parallel: int,
-                             dtype_bytes: int = 2, experts: int | None = None) -> dict[str, int]:
-    """Peak transient memory of one scoring forward on one rank (batch 1, `tokens` long, no
-    gradients), itemised. Assumes a fused attention kernel (no tokens x tokens score matrix) and
-    up to 2x routing imbalance on the rank's experts."""
+                             dtype_bytes: int = 2, experts: int | None = None,
+                             imbalance: float = 2.0, fp8_resident: bool = False) -> dict[str, int]:
+    """Peak transient memory of one scoring forward on one rank (one micro-batch of `tokens`
+    tokens, no gradients), itemised. Scoring builds no output layer, so there are no logits.
+    Assumes a fused attention kernel (no tokens x tokens score matrix); `imbalance` is how many
+    times its fair share of routed rows (tokens x top-k) the busiest rank's experts receive."""
     E = cfg.n_routed_experts if experts is None else experts
     H, heads, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts_per_tok
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     F, I = cfg.moe_intermediate_size, cfg.intermediate_size
-    return {
-        # output_layer logits [tokens, vocab] plus one same-size temporary
-        "logits": 2 * tokens * cfg.vocab_size * dtype_bytes,
+    rows = imbalance * tokens * k
+    out = {
         # q, k (nope+rope), v, kv_up output and the attention output for one layer
         "attention": tokens * heads * (3 * qk + 3 * cfg.v_head_dim) * dtype_bytes,
         # routed rows: permuted input, all-to-all buffers, expert output, un-permute (4 x [rows, H])
-        # and the expert's fc1 output + activation (2 x [rows, 2F]); rows = 2 x tokens x top_k
-        "moe_dispatch": 2 * tokens * k * (4 * H + 4 * F) * dtype_bytes,
+        # and the expert's fc1 output + activation (2 x [rows, 2F])
+        "moe_dispatch": int(rows * (4 * H + 4 * F) * dtype_bytes),
         "dense_mlp": tokens * 3 * I * dtype_bytes,
         # residual stream, norms, MoE output: ~8 [tokens, H]
         "hidden_states": 8 * tokens * H * dtype_bytes,
-        # the scorer's all-gather over the EP group: [EP x tokens, E + 2] float64, twice
-        "scorer_gather": 2 * expert_parallel * tokens * (E + 2) * 8,
+        # the scorer's all-gather over the EP group: [EP x tokens, 2 + top-k] int32, twice
+        "scorer_gather": 2 * expert_parallel * tokens * (2 + k) * 4,
     }
+    if fp8_resident:
+        # FP8-resident linears dequantise one weight at a time for the GEMM: the largest one
+        out["fp8_dequant"] = max(I, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)) * H * dtype_bytes
+    return out
+
+
+def logits_bytes(cfg: DeepseekV3Config, tokens: int, dtype_bytes: int = 2) -> int:
+    """What an output layer would add (and scoring does not build): logits [tokens, vocab] plus
+    one same-size temporary."""
+    return 2 * tokens * cfg.vocab_size * dtype_bytes
 
 
 # ------------------------------------------------------------------------------------------------
-# (a) scoring layouts
+# (a) scoring layouts: PP x EP (TP = 1)
 # ------------------------------------------------------------------------------------------------
+
+WEIGHTS = {
+    "bf16": "bf16 (a bf16 checkpoint, or an FP8 one with --dequantize-at-load)",
+    "fp8": "FP8-resident (DeepSeek FP8 linears at 1 byte + fp32 128x128 block scales, the rest as "
+           "stored; the loader's default for FP8 checkpoints)",
+    "fp32": "fp32 (the CPU default)",
+}
+
+
+def layer_bytes(cfg: DeepseekV3Config, dtype: str, expert_parallel: int) -> list[int]:
+    """Bytes one rank holds for each decoder layer: the layer's non-expert weights whole and
+    n_routed_experts / EP of its routed experts (`dtype` as in Part.bytes)."""
+    out = []
+    for moe in (False, True):
+        counter = Counter(tuple(cfg.weight_block_size or DEFAULT_BLOCK))
+        _layer(counter, cfg, "main", moe, cfg.n_routed_experts, 1)
+        parts = counter.parts.values()
+        experts = sum(p.bytes(dtype) for p in parts if p.category == "routed_experts")
+        rest = sum(p.bytes(dtype) for p in parts if p.category != "routed_experts")
+        out.append(int(rest + experts / expert_parallel))
+    dense, moe = out
+    return [moe if cfg.is_moe_layer(i) else dense for i in range(cfg.num_hidden_layers)]
+
 
 @dataclasses.dataclass
 class ScoringLayout:
@@ -225,14 +254,32 @@ class ScoringLayout:
     gpus: int
     nodes: int
     gpus_per_node: int
-    weights_bytes: int
+    weights_bytes: int          # the largest stage's weights per rank
     activation_bytes: int
     overhead_bytes: int
-    supported: bool
+    supported: bool = True
+    stage_layers: tuple[int, ...] = (1,)
+    stage_weight_bytes: tuple[int, ...] = ()  # per stage, per rank
+    ep_within_node: bool = True
 
     @property
     def per_rank_bytes(self) -> int:
         return self.weights_bytes + self.activation_bytes + self.overhead_bytes
+
+    def torchrun(self, *, checkpoint: str = "CKPT", tokens: int | None = None,
+                 dequantize_at_load: bool = False) -> str:
+        """The launch line (run on every node; NODE_RANK and MASTER_ADDR from the scheduler)."""
+        cmd = ["torchrun", f"--nnodes {self.nodes}", f"--nproc-per-node {self.gpus_per_node}"]
+        if self.nodes > 1:
+            cmd += ["--node-rank $NODE_RANK", "--master-addr $MASTER_ADDR", "--master-port 29500"]
+        cmd += ["launch/score.py", f"--hf-checkpoint {checkpoint}", f"--expert-parallel {self.ep}"]
+        if self.pp > 1:
+            cmd += [f"--pipeline-parallel {self.pp}", f"--pipeline-layout {','.join(map(str, self.stage_layers))}"]
+        if tokens is not None:
+            cmd += [f"--max-length {tokens}"]
+        if dequantize_at_load:
+            cmd += ["--dequantize-at-load"]
+        return " ".join(cmd)
 
 
 def _node_shape(gpus: int, gpus_per_node: int) -> tuple[int, int] | None:
@@ -248,39 +295,49 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def stage_weights(cfg: DeepseekV3Config, dtype: str, ep: int, counts: list[int]) -> list[int]:
+    """Weights per rank of every pipeline stage for scoring: its layers, the embedding on the
+    first stage; no final norm, no lm_head (scoring builds no output layer), no MTP layer."""
+    per_layer = layer_bytes(cfg, dtype, ep)
+    embedding = model_size(cfg).bytes(dtype, scope="main", categories={"embedding"})
+    out, start = [], 0
+    for stage, n in enumerate(counts):
+        out.append(sum(per_layer[start:start + n]) + (embedding if stage == 0 else 0))
+        start += n
+    return out
+
+
 def scoring_layouts(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_bytes: int,
                     dtype: str = "bf16", tokens: int = 4096, overhead_bytes: int = 3 * GIB,
-                    max_pp: int = 8) -> list[ScoringLayout]:
-    """Every EP (divisor of n_routed_experts) x PP (1, 2, 4, ... max_pp) layout with DP = 1 that
-    fits the main model for scoring, smallest GPU count first. PP stages get an equal share of the
-    decoder layers; the first stage also holds the embedding, the last the final norm + lm_head."""
-    size = model_size(cfg)
+                    max_pp: int = 16, imbalance: float = 2.0) -> list[ScoringLayout]:
+    """Every EP (divisor of n_routed_experts) x PP (1 .. max_pp) layout with DP = 1 that fits the
+    main model for scoring, best first: fewest GPUs, then EP inside a node (the all-to-all stays
+    on NVLink; a stage is a node when EP = GPUs per node), then the fewest stages (a smaller
+    pipeline bubble, fewer hops), then the least memory per rank.
+    Stages split the decoder layers as `--pipeline-parallel` does by default
+    (pipeline.stage_layer_counts); the largest stage sets the memory."""
+    from megatron_easyep.mcore.pipeline import stage_layer_counts
+
     dtype_bytes = {"bf16": 2, "fp8": 2, "fp32": 4}[dtype]  # FP8 GEMMs still take bf16 activations
-    replicated = size.bytes(dtype, scope="main", exclude={"routed_experts", "embedding", "lm_head",
-                                                          "final_norm"})
-    experts = size.bytes(dtype, scope="main", categories={"routed_experts"})
-    ends = size.bytes(dtype, scope="main", categories={"embedding", "lm_head", "final_norm"})
-    first = size.bytes(dtype, scope="main", categories={"embedding"})
     layouts = []
-    pp = 1
-    while pp <= max(1, max_pp):
-        if pp <= cfg.num_hidden_layers:
-            for ep in _divisors(cfg.n_routed_experts):
-                shape = _node_shape(ep * pp, gpus_per_node)
-                if shape is None:
-                    continue
-                stage_fraction = math.ceil(cfg.num_hidden_layers / pp) / cfg.num_hidden_layers
-                layer_bytes = (replicated + experts / ep) * stage_fraction
-                ends_bytes = ends if pp == 1 else max(first, ends - first)
-                activations = sum(scoring_activation_bytes(
-                    cfg, tokens=tokens, expert_parallel=ep, dtype_bytes=dtype_bytes).values())
-                layout = ScoringLayout(ep, pp, ep * pp, shape[0], shape[1],
-                                       int(layer_bytes + ends_bytes), activations, overhead_bytes,
-                                       supported=pp == 1)
-                if layout.per_rank_bytes <= gpu_memory_bytes:
-                    layouts.append(layout)
-        pp *= 2
-    layouts.sort(key=lambda l: (l.gpus, l.pp))
+    for pp in range(1, min(max(1, max_pp), cfg.num_hidden_layers) + 1):
+        counts = stage_layer_counts(cfg.num_hidden_layers, pp)
+        for ep in _divisors(cfg.n_routed_experts):
+            shape = _node_shape(ep * pp, gpus_per_node)
+            if shape is None:
+                continue
+            within = ep <= gpus_per_node and gpus_per_node % ep == 0
+            if pp > 1 and not within and ep % gpus_per_node:
+                continue  # a stage would straddle nodes unevenly
+            stages = stage_weights(cfg, dtype, ep, counts)
+            activations = sum(scoring_activation_bytes(
+                cfg, tokens=tokens, expert_parallel=ep, dtype_bytes=dtype_bytes, imbalance=imbalance,
+                fp8_resident=dtype == "fp8").values())
+            layout = ScoringLayout(ep, pp, ep * pp, shape[0], shape[1], max(stages), activations,
+                                   overhead_bytes, True, tuple(counts), tuple(stages), within)
+            if layout.per_rank_bytes <= gpu_memory_bytes:
+                layouts.append(layout)
+    layouts.sort(key=lambda l: (l.gpus, not l.ep_within_node, l.pp, l.per_rank_bytes))
     return layouts
 
 
@@ -388,22 +445,39 @@ def _gib(n) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
+def stages_text(counts) -> str:
+    """16+15x3 for [16, 15, 15, 15]."""
+    runs = []
+    for n in counts:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return "+".join(f"{n}x{k}" if k > 1 else str(n) for n, k in runs)
+
+
 def _b(n) -> str:
     return f"{n / 1e9:,.2f} B" if n >= 1e8 else f"{n:,}"
 
 
+def default_dtype(cfg: DeepseekV3Config) -> str:
+    """How the loader holds the weights by default: FP8-resident for FP8 checkpoints, else bf16."""
+    return "fp8" if cfg.is_fp8 else "bf16"
+
+
 def build_report(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_gib: float,
-                 keeps: list[int] | None = None, dtype: str = "bf16", tokens: int = 4096,
-                 overhead_gib: float = 3.0, serve: ServeAssumptions = ServeAssumptions()) -> dict:
-    """Everything the plan command prints, as data."""
+                 keeps: list[int] | None = None, dtype: str | None = None, tokens: int = 4096,
+                 overhead_gib: float = 3.0, serve: ServeAssumptions = ServeAssumptions(),
+                 imbalance: float = 2.0, max_pp: int = 16, checkpoint: str = "CKPT") -> dict:
+    """Everything the plan command prints, as data. `dtype` None: as the loader holds them."""
+    dtype = dtype or default_dtype(cfg)
     memory = int(gpu_memory_gib * GIB)
     size = model_size(cfg)
     parts = {f"{p.scope}/{p.category}": {"params": p.params, "bf16_bytes": p.bytes("bf16"),
                                          "fp8_bytes": p.bytes("fp8")} for p in size.parts}
     layouts = scoring_layouts(cfg, gpus_per_node=gpus_per_node, gpu_memory_bytes=memory,
-                              dtype=dtype, tokens=tokens, overhead_bytes=int(overhead_gib * GIB))
-    supported = [l for l in layouts if l.supported]
-    best_pp = min((l for l in layouts if not l.supported), key=lambda l: l.gpus, default=None)
+                              dtype=dtype, tokens=tokens, overhead_bytes=int(overhead_gib * GIB),
+                              imbalance=imbalance, max_pp=max_pp)
     keeps = keeps or default_keeps(cfg.n_routed_experts)
     serving = []
     for kept in keeps:
@@ -413,12 +487,17 @@ def build_report(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_gib: f
         serving.append({"kept": kept, "layout": layout, "params": pruned.total_params + pruned.mtp_params,
                         "activated": pruned.activated_params, "fp8_bytes": pruned.bytes("fp8"),
                         "routing_problems": routing_problems(cfg, kept)})
+    dtype_bytes = 4 if dtype == "fp32" else 2
     return {"cfg": cfg, "size": size, "parts": parts, "dtype": dtype, "tokens": tokens,
             "gpus_per_node": gpus_per_node, "gpu_memory_gib": gpu_memory_gib,
-            "overhead_gib": overhead_gib, "scoring": supported, "scoring_pp": best_pp,
+            "overhead_gib": overhead_gib, "imbalance": imbalance, "scoring": layouts,
+            "checkpoint": checkpoint,
+            "dequantize_at_load": cfg.is_fp8 and dtype == "bf16",
             "activations": scoring_activation_bytes(
-                cfg, tokens=tokens, expert_parallel=supported[0].ep if supported else 1,
-                dtype_bytes=4 if dtype == "fp32" else 2),
+                cfg, tokens=tokens, expert_parallel=layouts[0].ep if layouts else 1,
+                dtype_bytes=dtype_bytes, imbalance=imbalance, fp8_resident=dtype == "fp8"),
+            "logits_bytes": logits_bytes(cfg, tokens, dtype_bytes),
+            "lm_head_bytes": size.bytes(dtype, scope="main", categories={"lm_head"}),
             "serving": serving, "serve": serve}
 
 
@@ -446,34 +525,37 @@ def format_report(report: dict) -> str:
     w(f"{'total (main + mtp)':<28}{size.params():>16,}{_gib(size.bytes('bf16')):>14}"
       f"{_gib(size.bytes('fp8')):>14}")
     w("")
-    w(f"(a) Scoring the full model with megatron-easyep ({dtype} weights in memory, "
-      f"{report['gpus_per_node']} x {report['gpu_memory_gib']:g} GiB per node)")
-    w("    megatron-easyep runs TP=1, PP=1, EP = any divisor of n_routed_experts that divides the "
-      "world size; ranks beyond EP are data-parallel replicas (faster, same memory).")
-    w("    Every rank holds embedding, lm_head, attention, dense MLPs, shared experts and routers "
-      "whole, plus n_routed_experts/EP experts per MoE layer; the MTP layer is not built.")
+    w(f"(a) Scoring the full model with megatron-easyep ({report['gpus_per_node']} x "
+      f"{report['gpu_memory_gib']:g} GiB per node, {report['tokens']} tokens per micro-batch)")
+    w(f"    weights: {WEIGHTS[dtype]}")
+    w("    layouts are PP x EP with TP = 1 (" + TP_NOTE + "); EP groups stay inside a pipeline stage; "
+      "ranks beyond PP x EP are data-parallel replicas (faster, same memory).")
+    w("    A stage holds its decoder layers' non-expert weights whole plus n_routed_experts/EP experts "
+      "per MoE layer; the first stage also the embedding. Scoring builds no final norm and no lm_head "
+      f"(saves {_gib(report['lm_head_bytes'])} of weights on the last stage and "
+      f"{_gib(report['logits_bytes'])} of logits at {report['tokens']} tokens); the MTP layer is not built.")
     act = report["activations"]
-    w(f"    activation/workspace margin per rank (one {report['tokens']}-token sequence): "
+    w(f"    activation/workspace margin per rank (routing imbalance x{report['imbalance']:g}): "
       + ", ".join(f"{k} {_gib(v)}" for k, v in act.items())
       + f"; + {report['overhead_gib']:g} GiB fixed (CUDA context, NCCL, allocator)")
     w("    (assumes a fused attention kernel; the unfused SDPA math path would add "
       f"{_gib(report['tokens'] ** 2 * cfg.num_attention_heads * 4)} of attention scores)")
     if report["scoring"]:
-        w(f"    {'EP':>5}{'GPUs':>6}{'nodes':>7}{'weights/rank':>15}{'act+ws':>12}{'total/rank':>13}")
-        for l in report["scoring"][:4]:
-            w(f"    {l.ep:>5}{l.gpus:>6}{l.nodes:>7}{_gib(l.weights_bytes):>15}"
-              f"{_gib(l.activation_bytes + l.overhead_bytes):>12}{_gib(l.per_rank_bytes):>13}")
+        w(f"    {'PP':>3}{'EP':>5}{'GPUs':>6}{'nodes':>7}{'stage layers':>16}{'weights/rank':>15}"
+          f"{'act+ws':>12}{'total/rank':>13}")
+        for l in report["scoring"][:6]:
+            w(f"    {l.pp:>3}{l.ep:>5}{l.gpus:>6}{l.nodes:>7}{stages_text(l.stage_layers):>16}"
+              f"{_gib(l.weights_bytes):>15}{_gib(l.activation_bytes + l.overhead_bytes):>12}"
+              f"{_gib(l.per_rank_bytes):>13}")
         best = report["scoring"][0]
-        w(f"    -> smallest: EP={best.ep} on {best.gpus} GPUs ({best.nodes} node(s) x "
-          f"{best.gpus_per_node}): torchrun ... --expert-parallel {best.ep}")
+        w(f"    -> smallest: PP={best.pp} x EP={best.ep} on {best.gpus} GPUs ({best.nodes} node(s) x "
+          f"{best.gpus_per_node}); per-stage weights per rank: "
+          + ", ".join(_gib(b) for b in best.stage_weight_bytes))
+        w("       " + best.torchrun(checkpoint=report["checkpoint"], tokens=report["tokens"],
+                                    dequantize_at_load=report["dequantize_at_load"]))
     else:
-        w("    -> the full model does not fit with PP=1 on any EP that divides "
-          f"{cfg.n_routed_experts} on this node shape.")
-    pp = report["scoring_pp"]
-    if pp is not None and (not report["scoring"] or pp.gpus < report["scoring"][0].gpus):
-        w(f"    with pipeline parallelism (NOT supported yet): EP={pp.ep} x PP={pp.pp} on {pp.gpus} "
-          f"GPUs, {_gib(pp.per_rank_bytes)} per rank")
-        w("    " + PP_NOTE)
+        w("    -> the full model does not fit on this node shape with any PP x EP "
+          f"(EP a divisor of {cfg.n_routed_experts}).")
     w("")
     serve = report["serve"]
     w(f"(b) Serving the pruned model with FP8 weights ({report['gpus_per_node']} x "
@@ -505,9 +587,16 @@ def report_as_json(report: dict) -> dict:
     return {
         "total_params": size.total_params, "activated_params": size.activated_params,
         "mtp_params": size.mtp_params, "parts": report["parts"],
-        "scoring": [dict(layout(l), per_rank_bytes=l.per_rank_bytes) for l in report["scoring"]],
-        "scoring_pp": layout(report["scoring_pp"]),
+        "weights": report["dtype"], "tokens": report["tokens"], "imbalance": report["imbalance"],
+        "scoring": [dict(layout(l), per_rank_bytes=l.per_rank_bytes,
+                         torchrun=l.torchrun(checkpoint=report["checkpoint"], tokens=report["tokens"],
+                                             dequantize_at_load=report["dequantize_at_load"]))
+                    for l in report["scoring"]],
+        "recommended": None if not report["scoring"] else {
+            k: getattr(report["scoring"][0], k) for k in ("pp", "ep", "gpus", "nodes", "gpus_per_node")}
+        | {"stage_layers": list(report["scoring"][0].stage_layers)},
         "activation_bytes": report["activations"],
+        "lm_head_bytes_not_built": report["lm_head_bytes"], "logits_bytes_not_built": report["logits_bytes"],
         "serving": [{"kept": r["kept"], "params": r["params"], "activated": r["activated"],
                      "fp8_bytes": r["fp8_bytes"], "routing_problems": r["routing_problems"],
                      "layout": layout(r["layout"])} for r in report["serving"]],
