@@ -3,7 +3,12 @@
     python converters/export_pruned.py --hf-checkpoint SRC --scores SCORE_DIR --output DST \
         --keep 128 --metric easyep [--domains math,code --domain-weights 1,2] \
         [--group-policy equal-per-group|collapse] [--target-ep 8] [--seed 0] \
-        [--mtp prune|drop] [--allow-unexpected-tensors] [--overwrite]
+        [--mtp prune|drop] [--allow-unexpected-tensors] [--overwrite] \
+        [--rebalance-bias --demos FILE:DOMAIN [--rebalance-steps N] [--rebalance-step-size S]]
+
+--rebalance-bias (off by default) re-fits the kept experts' e_score_correction_bias on the
+demonstrations with DeepSeek's aux-loss-free rule, layer by layer in Megatron-Core
+(megatron_easyep.analysis.rebalance), before the output is published.
 
 The library does the work (megatron_easyep.pruning.selection, .export, .preflight); this file only
 parses arguments. Any problem with the request is reported on stderr with exit code 2, before
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_easyep.analysis.rebalance import DEFAULT_ITERATIONS, DEFAULT_STEP, RebalanceRequest
 from megatron_easyep.pruning.export import MTP_ACTIONS, export_pruned
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
 from megatron_easyep.pruning.preflight import format_preflight
@@ -57,12 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-unexpected-tensors", action="store_true",
                         help="accept tensors the config does not describe (vendor extras; copied verbatim)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    rebalance = parser.add_argument_group("router bias rebalancing (off by default)")
+    rebalance.add_argument("--rebalance-bias", action="store_true",
+                           help="re-fit the kept experts' e_score_correction_bias on --demos with DeepSeek's "
+                                "aux-loss-free rule (bias += step * sign(mean load - load)), layer by layer in "
+                                "Megatron-Core on the pruned model's own hidden states; recorded in pruning.json")
+    rebalance.add_argument("--demos", action="append", default=[], metavar="FILE[:DOMAIN]",
+                           help="calibration demonstrations for --rebalance-bias (repeatable)")
+    rebalance.add_argument("--rebalance-steps", type=int, default=DEFAULT_ITERATIONS,
+                           help=f"iterations of the rule per layer (default {DEFAULT_ITERATIONS})")
+    rebalance.add_argument("--rebalance-step-size", type=float, default=DEFAULT_STEP,
+                           help=f"bias change per iteration, in sigmoid-score units (default {DEFAULT_STEP})")
+    rebalance.add_argument("--max-length", type=int, default=None,
+                           help="keep each demonstration's first N tokens (default: all)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demos and not args.rebalance_bias:
+        parser.error("--demos is only used by --rebalance-bias")
     try:
+        rebalance = None
+        if args.rebalance_bias:  # demonstrations are read and checked before anything is written
+            rebalance = RebalanceRequest(tuple(args.demos), step=args.rebalance_step_size,
+                                         iterations=args.rebalance_steps,
+                                         max_length=args.max_length).prepare(args.hf_checkpoint)
         scores = load_scores(args.scores)
         config = DeepseekV3Config.load(args.hf_checkpoint)
         selection = select_for_checkpoint(
@@ -85,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             allow_unexpected=args.allow_unexpected_tensors or None,
             log=lambda message: print(message, file=sys.stderr),
+            finalize=rebalance.finalize if rebalance else None,
         )
-    except (ValueError, OSError) as err:  # CheckpointError, SelectionError, ExportError, I/O
+    except (ValueError, OSError) as err:  # CheckpointError, SelectionError, ExportError, RebalanceError, I/O
         print(f"export_pruned: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     print(
@@ -96,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{report.seconds:.1f} s"
     )
     print(format_preflight(report.preflight))
+    if rebalance:
+        for layer, row in report.pruning["rebalance_bias"]["per_layer"].items():
+            print(f"layer {layer}: max/mean expert load on the demonstrations "
+                  f"{row['max_over_mean_before']:.3f} -> {row['max_over_mean_after']:.3f}")
     return 0
 
 

@@ -396,6 +396,7 @@ def export_pruned(
     overwrite: bool = False,
     allow_unexpected: bool | None = None,
     log=None,
+    finalize=None,
 ) -> ExportReport:
     """Write a pruned copy of the HF checkpoint `src_dir` to `dst_dir` (see the module docstring).
 
@@ -406,6 +407,10 @@ def export_pruned(
     the config does not describe through (copied verbatim, listed in pruning.json).
     Scores made on another storage format of the same architecture (a BF16 copy of an FP8
     checkpoint, or the reverse) are accepted with a one-line note (`log`, and pruning.json).
+    `finalize(staging_dir, pruning, log)`, when given, runs on the complete staged checkpoint before
+    pruning.json is written and the directory is renamed into place; it may rewrite tensor bytes
+    in place and add keys to `pruning` (analysis/rebalance.py: --rebalance-bias). If it raises,
+    nothing is published.
     """
     started = time.perf_counter()
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
@@ -504,6 +509,8 @@ def export_pruned(
                 shutil.copytree(path, staging / path.name, symlinks=False)
             else:
                 shutil.copy2(path, staging / path.name)
+        if finalize is not None:
+            finalize(staging, pruning, log)
         (staging / PRUNING_FILE).write_text(_dumps_pruning_record(pruning), encoding="utf-8")
         (staging / PREFLIGHT_FILE).write_text(dumps_preflight(preflight), encoding="utf-8")
         if dst.exists():
