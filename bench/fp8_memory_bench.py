@@ -122,7 +122,7 @@ def worker(mode: str, ckpt_dir: str, out_path: str, num_seqs: int, seq_len: int)
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="where the generated checkpoint is kept (reused)")
+    p.add_argument("--workdir", help="where the generated checkpoint is kept (reused); required")
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--modes", default="resident", help="comma list of resident, dequantized")
     p.add_argument("--num-seqs", type=int, default=2)
@@ -133,6 +133,8 @@ def main(argv=None) -> None:
     if args.worker:
         worker(*args.worker, args.num_seqs, args.seq_len)
         return
+    if not args.workdir:
+        p.error("--workdir is required")
 
     from megatron_easyep.checkpoint.tiny import make_tiny_checkpoint
 

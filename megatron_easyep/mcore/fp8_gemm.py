@@ -53,6 +53,18 @@ class Fp8Layout:
         return tuple(math.ceil(r / self.block[0]) for r in self.part_rows)
 
 
+def _dequantize_chunk(q: torch.Tensor, s: torch.Tensor, block) -> torch.Tensor:
+    """float32 q * scale per block: the same single fp32 product per element as
+    dequantize_fp8_blockwise (so the same values), broadcast over whole blocks in place when the
+    chunk has no partial block instead of materialising a per-element scale."""
+    (rows, cols), (bm, bk) = q.shape, block
+    if rows % bm or cols % bk:
+        return dequantize_fp8_blockwise(q, s, block, dtype=torch.float32)
+    out = q.to(torch.float32)
+    out.view(rows // bm, bm, cols // bk, bk).mul_(s.to(torch.float32)[:, None, :, None])
+    return out
+
+
 def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, layout: Fp8Layout, dtype: torch.dtype,
                       dest_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The weight in `dtype`, rows in Megatron's order: each part dequantised block-wise in float32
@@ -67,7 +79,7 @@ def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, layout: Fp8
             stop = min(rows, start + chunk)
             q = weight[row0 + start:row0 + stop]
             s = scale_inv[srow0 + start // bm:srow0 + math.ceil(stop / bm)]
-            values = dequantize_fp8_blockwise(q, s, layout.block, dtype=torch.float32).to(dtype)
+            values = _dequantize_chunk(q, s, layout.block).to(dtype)
             if dest_rows is None:
                 out[row0 + start:row0 + stop] = values
             else:
@@ -108,8 +120,14 @@ def scaled_mm_blockwise_ok(device: torch.device, block: tuple[int, int], n: int,
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero rows up to a multiple of `multiple` (through uint8 for FP8, which has no pad kernel)."""
     extra = -t.shape[0] % multiple
-    return torch.nn.functional.pad(t, (0, 0, 0, extra)) if extra else t
+    if not extra:
+        return t
+    if t.dtype == FP8_DTYPE:
+        zeros = torch.zeros(extra, t.shape[1], dtype=torch.uint8, device=t.device).view(FP8_DTYPE)
+        return torch.cat([t.view(torch.uint8), zeros.view(torch.uint8)]).view(FP8_DTYPE)
+    return torch.cat([t, t.new_zeros(extra, t.shape[1])])
 
 
 def scaled_mm_blockwise(xq, xs, wq, ws, out_dtype) -> torch.Tensor:

@@ -278,6 +278,21 @@ def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel
     return model
 
 
+def _return_large_frees_to_the_os() -> None:
+    """On CPU, FP8-resident linears allocate and free a weight-sized buffer per GEMM. glibc raises
+    its mmap threshold after such frees and keeps later ones in the heap, which grew a rank's
+    RssAnon by ~1.7 GiB at DeepSeek-V3 widths (bench/fp8_memory_bench.py); a fixed 4 MiB threshold
+    hands them back at once. No-op where mallopt is not glibc's."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_parallel: int = 1,
                         dispatcher: str = "alltoall", ep_rank: int | None = None,
                         dequantize_at_load: bool = False, stage_layers: list[int] | None = None,
@@ -290,10 +305,12 @@ def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_
     from megatron.core import parallel_state
 
     ckpt = HFCheckpoint(ckpt_dir)
+    fp8_resident = ckpt.config.is_fp8 and not dequantize_at_load
+    if fp8_resident and not torch.cuda.is_available():
+        _return_large_frees_to_the_os()
     tcfg = transformer_config(ckpt.config, dtype=dtype, expert_parallel=expert_parallel,
                               dispatcher=dispatcher, stage_layers=stage_layers)
-    model = build_model(ckpt.config, tcfg, fp8_resident=ckpt.config.is_fp8 and not dequantize_at_load,
-                        logits=logits)
+    model = build_model(ckpt.config, tcfg, fp8_resident=fp8_resident, logits=logits)
     if ep_rank is None:
         ep_rank = parallel_state.get_expert_model_parallel_rank()
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
