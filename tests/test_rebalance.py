@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -312,22 +312,38 @@ def test_disabled_slots_stay_disabled_end_to_end(e2e):
         assert row["max_over_mean_after"] < row["max_over_mean_before"]
 
 
-def test_cli_refuses_bad_requests_before_writing(e2e, tmp_path):
-    common = [PYTHON, EXPORT_CLI, "--hf-checkpoint", e2e["src"], "--scores", e2e["root"] / "scores",
-              "--keep", 12, "--metric", "gate"]
+def _export_main():
+    spec = importlib.util.spec_from_file_location("export_pruned_cli", EXPORT_CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_refuses_bad_requests_before_writing(e2e, tmp_path, capsys):
+    common = ["--hf-checkpoint", e2e["src"], "--scores", e2e["root"] / "scores", "--keep", 12, "--metric", "gate"]
     cases = {
         "no_demos": (["--rebalance-bias"], "needs calibration demonstrations"),
-        "missing_file": (["--rebalance-bias", "--demos", tmp_path / "nope.jsonl"], "nope.jsonl does not exist"),
         "bad_step": (["--rebalance-bias", "--demos", e2e["demos"], "--rebalance-step-size", "0"],
                      "--rebalance-step-size must be > 0"),
+        "bad_steps": (["--rebalance-bias", "--demos", e2e["demos"], "--rebalance-steps", "0"],
+                      "--rebalance-steps must be >= 1"),
         "demos_alone": (["--demos", e2e["demos"]], "--demos is only used by --rebalance-bias"),
     }
+    main = _export_main()  # in-process: each case fails before any model or output exists
     for case, (extra, message) in cases.items():
         out_dir = tmp_path / case
-        result = _run([*common, "--output", out_dir, *extra])
-        assert result.returncode == 2, (case, result.stderr[-2000:])
-        assert message in result.stderr and "Traceback" not in result.stderr, (case, result.stderr[-2000:])
+        try:
+            code = main([str(a) for a in [*common, "--output", out_dir, *extra]])
+        except SystemExit as exit_:  # argparse's own usage errors
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (case, code, err[-2000:])
         assert not out_dir.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # and once as a real process: the exit status and a one-line message, no traceback
+    result = _run([PYTHON, EXPORT_CLI, *common, "--output", tmp_path / "missing", "--rebalance-bias",
+                   "--demos", tmp_path / "nope.jsonl"])
+    assert result.returncode == 2 and "nope.jsonl does not exist" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "missing").exists()
 
 
 def test_failed_finalize_publishes_nothing(e2e, tmp_path):
