@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Megatron-Core on the pruned model's own hidden states; recorded in pruning.json")
     rebalance.add_argument("--demos", action="append", default=[], metavar="FILE[:DOMAIN]",
                            help="calibration demonstrations for --rebalance-bias (repeatable)")
+    rebalance.add_argument("--rebalance-heldout", action="append", default=[], metavar="FILE[:DOMAIN]",
+                           help="demonstrations whose per-expert loads are only measured, before and after "
+                                "(recorded in pruning.json under rebalance_bias.heldout; repeatable)")
     rebalance.add_argument("--rebalance-steps", type=int, default=DEFAULT_ITERATIONS,
                            help=f"iterations of the rule per layer (default {DEFAULT_ITERATIONS})")
     rebalance.add_argument("--rebalance-step-size", type=float, default=DEFAULT_STEP,
@@ -82,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demos and not args.rebalance_bias:
-        parser.error("--demos is only used by --rebalance-bias")
+    if (args.demos or args.rebalance_heldout) and not args.rebalance_bias:
+        parser.error("--demos and --rebalance-heldout are only used by --rebalance-bias")
     try:
         rebalance = None
         if args.rebalance_bias:  # demonstrations are read and checked before anything is written
             rebalance = RebalanceRequest(tuple(args.demos), step=args.rebalance_step_size,
-                                         iterations=args.rebalance_steps,
-                                         max_length=args.max_length).prepare(args.hf_checkpoint)
+                                         iterations=args.rebalance_steps, max_length=args.max_length,
+                                         heldout=tuple(args.rebalance_heldout)).prepare(args.hf_checkpoint)
         scores = load_scores(args.scores)
         config = DeepseekV3Config.load(args.hf_checkpoint)
         selection = select_for_checkpoint(
@@ -125,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_preflight(report.preflight))
     if rebalance:
-        for layer, row in report.pruning["rebalance_bias"]["per_layer"].items():
-            print(f"layer {layer}: max/mean expert load on the demonstrations "
-                  f"{row['max_over_mean_before']:.3f} -> {row['max_over_mean_after']:.3f}")
+        record = report.pruning["rebalance_bias"]
+        for layer, row in record["per_layer"].items():
+            line = (f"layer {layer}: max/mean expert load on the demonstrations "
+                    f"{row['max_over_mean_before']:.3f} -> {row['max_over_mean_after']:.3f}")
+            if "heldout" in record:
+                held = record["heldout"]["per_layer"][layer]
+                line += f", held out {held['max_over_mean_before']:.3f} -> {held['max_over_mean_after']:.3f}"
+            print(line)
     return 0
 
 

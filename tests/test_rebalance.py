@@ -178,14 +178,19 @@ def e2e(tiny_checkpoint_factory, tmp_path_factory):
                 for n in torch.randint(20, 48, (10,), generator=g)]
     demos = root / "calib.jsonl"
     demos.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in demo_ids))
+    heldout_ids = [torch.randint(0, config.vocab_size, (30,), generator=g).tolist() for _ in range(4)]
+    heldout = root / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in heldout_ids))
     procs = {
         "cli": _spawn([PYTHON, EXPORT_CLI, "--hf-checkpoint", src, "--scores", root / "scores", "--output",
                        root / "rebalanced", "--keep", 12, "--metric", "gate", "--rebalance-bias",
-                       "--demos", f"{demos}:math", "--rebalance-steps", 400]),
+                       "--demos", f"{demos}:math", "--rebalance-steps", 400,
+                       "--rebalance-heldout", f"{heldout}:math"]),
         "disabled": _spawn([PYTHON, "-c", _DISABLED_RUN, src, root / "scores", root / "disabled", demos]),
     }
     try:
         yield dict(root=root, src=src, config=config, plain=plain, demos=demos, demo_ids=demo_ids,
+                   heldout=heldout, heldout_ids=heldout_ids,
                    selection=selection, procs=procs, results={})
     finally:
         for proc in procs.values():
@@ -271,6 +276,22 @@ def test_cli_rebalanced_loads_match_transformers(e2e):
         assert f"layer {layer}: max/mean expert load on the demonstrations" in out
 
 
+def test_heldout_loads_are_measured_not_fitted(e2e):
+    out, _ = _result(e2e, "cli")
+    record = json.loads((e2e["root"] / "rebalanced" / "pruning.json").read_text())["rebalance_bias"]
+    held = record["heldout"]
+    moe = e2e["config"].moe_layer_ids
+    assert held["demos"][0]["sha256"] == hashlib.sha256(e2e["heldout"].read_bytes()).hexdigest()
+    assert held["tokens"] == sum(len(ids) for ids in e2e["heldout_ids"])
+    after = _transformers_loads(e2e["root"] / "rebalanced", e2e["heldout_ids"], moe)
+    before = _transformers_loads(e2e["plain"], e2e["heldout_ids"], moe)
+    for layer in moe:
+        row = held["per_layer"][str(layer)]
+        assert row["loads_before"] == before[layer] and row["loads_after"] == after[layer], layer
+        assert row["max_over_mean_after"] == pytest.approx(_ratio(after[layer]), rel=1e-12)
+        assert f"held out {row['max_over_mean_before']:.3f} -> {row['max_over_mean_after']:.3f}" in out
+
+
 def test_only_the_moe_bias_bytes_change(e2e):
     _result(e2e, "cli")
     dst = e2e["root"] / "rebalanced"
@@ -327,7 +348,7 @@ def test_cli_refuses_bad_requests_before_writing(e2e, tmp_path, capsys):
                      "--rebalance-step-size must be > 0"),
         "bad_steps": (["--rebalance-bias", "--demos", e2e["demos"], "--rebalance-steps", "0"],
                       "--rebalance-steps must be >= 1"),
-        "demos_alone": (["--demos", e2e["demos"]], "--demos is only used by --rebalance-bias"),
+        "demos_alone": (["--demos", e2e["demos"]], "are only used by --rebalance-bias"),
     }
     main = _export_main()  # in-process: each case fails before any model or output exists
     for case, (extra, message) in cases.items():

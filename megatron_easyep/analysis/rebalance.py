@@ -128,6 +128,7 @@ class RebalanceRequest:
     iterations: int = DEFAULT_ITERATIONS
     max_length: int | None = None
     dtype: str | None = None  # compute dtype of the forward; the router and the fit run in fp32
+    heldout: tuple[str, ...] = ()  # demonstrations whose loads are only measured, before and after
 
     def prepare(self, src_dir) -> "PreparedRebalance":
         from megatron_easyep.checkpoint.reader import DeepseekV3Config
@@ -140,11 +141,17 @@ class RebalanceRequest:
         if self.iterations < 1:
             raise RebalanceError(f"--rebalance-steps must be >= 1, got {self.iterations}")
         cfg = DeepseekV3Config.load(src_dir)
-        demo_list = demos_lib.load_demos(list(self.demos), src_dir, vocab_size=cfg.vocab_size,
-                                         max_length=self.max_length)
-        files = [demos_lib.DemoFile.parse(spec) for spec in self.demos]
-        return PreparedRebalance(self, demo_list, [
-            {"file": str(f.path), "domain": f.domain, "sha256": demos_lib.file_sha256(f.path)} for f in files])
+
+        def read(specs):
+            demo_list = demos_lib.load_demos(list(specs), src_dir, vocab_size=cfg.vocab_size,
+                                             max_length=self.max_length)
+            files = [demos_lib.DemoFile.parse(spec) for spec in specs]
+            return demo_list, [{"file": str(f.path), "domain": f.domain, "sha256": demos_lib.file_sha256(f.path)}
+                               for f in files]
+
+        demo_list, demo_files = read(self.demos)
+        heldout, heldout_files = read(self.heldout) if self.heldout else ([], [])
+        return PreparedRebalance(self, demo_list, demo_files, heldout, heldout_files)
 
 
 @dataclass
@@ -152,6 +159,8 @@ class PreparedRebalance:
     request: RebalanceRequest
     demo_list: list
     demo_files: list[dict]
+    heldout_list: list = field(default_factory=list)
+    heldout_files: list[dict] = field(default_factory=list)
 
     def finalize(self, staging_dir, pruning: dict, log=None) -> None:
         """export_pruned's `finalize` hook: rebalance the staged checkpoint and record it."""
@@ -254,6 +263,7 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
         stored_dtype[layer] = _stored_bias_dtype(ckpt, _BIAS_NAME.format(layer=layer))
 
     before = _megatron_loads(model, routers, demo_list)
+    heldout_before = _megatron_loads(model, routers, prepared.heldout_list) if prepared.heldout_list else None
     fits: dict[int, BiasFit] = {}
     new_bias: dict[int, torch.Tensor] = {}
     start_bias: dict[int, torch.Tensor] = {}
@@ -278,6 +288,7 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
             log(f"rebalance layer {layer}: max/mean load {max_over_mean(before[layer], enabled[layer]):.3f} -> "
                 f"{max_over_mean(fit.loads, enabled[layer]):.3f} (iterate {fit.iteration} of {request.iterations})")
     after = _megatron_loads(model, routers, demo_list)
+    heldout_after = _megatron_loads(model, routers, prepared.heldout_list) if prepared.heldout_list else None
     mismatched = {layer: int((after[layer] - fits[layer].loads).abs().sum()) for layer in routers}
     if any(mismatched.values()) and log:
         log(f"warning: Megatron's routing differs from the fit's by {mismatched} token-slots per layer")
@@ -331,6 +342,21 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
         "skipped_layers": {str(layer): "MTP layer: not part of the Megatron model; bias kept as exported"
                            for layer in sorted(kept) if layer not in routers},
     }
+    if heldout_before is not None:  # measured only: these tokens never enter the fit
+        record["heldout"] = {
+            "demos": prepared.heldout_files,
+            "num_demos": len(prepared.heldout_list),
+            "tokens": sum(len(d.input_ids) for d in prepared.heldout_list),
+            "per_layer": {
+                str(layer): {
+                    "max_over_mean_before": ratio(heldout_before[layer], layer),
+                    "max_over_mean_after": ratio(heldout_after[layer], layer),
+                    "loads_before": heldout_before[layer].tolist(),
+                    "loads_after": heldout_after[layer].tolist(),
+                }
+                for layer in routers
+            },
+        }
     if owns_world:
         parallel.shutdown()
     return record
