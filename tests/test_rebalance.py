@@ -270,7 +270,7 @@ def test_cli_rebalanced_loads_match_transformers(e2e):
         assert row["loads_before"] == before[layer], layer
         assert row["max_over_mean_after"] == pytest.approx(_ratio(after[layer]), rel=1e-12)
         assert row["max_over_mean_before"] == pytest.approx(_ratio(before[layer]), rel=1e-12)
-        assert row["megatron_vs_fit_mismatched_slots"] == 0
+        assert row["megatron_vs_fit_load_difference"] == 0
         assert _ratio(after[layer]) < _ratio(before[layer])
         assert _ratio(after[layer]) <= 1.1, (layer, after[layer])
         assert f"layer {layer}: max/mean expert load on the demonstrations" in out

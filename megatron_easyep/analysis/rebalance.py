@@ -291,7 +291,7 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
     heldout_after = _megatron_loads(model, routers, prepared.heldout_list) if prepared.heldout_list else None
     mismatched = {layer: int((after[layer] - fits[layer].loads).abs().sum()) for layer in routers}
     if any(mismatched.values()) and log:
-        log(f"warning: Megatron's routing differs from the fit's by {mismatched} token-slots per layer")
+        log(f"warning: Megatron's routing loads differ from the fit's (sum of |difference| per layer: {mismatched})")
 
     # ---- write the new bias values into the staged shards (the export renames the whole dir) ----
     by_shard: dict[str, list[int]] = {}
@@ -335,7 +335,7 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
                 "loads_before": before[layer].tolist(),
                 "loads_after": after[layer].tolist(),
                 "max_abs_bias_change": float((new_bias[layer].float() - start_bias[layer]).abs().max()),
-                "megatron_vs_fit_mismatched_slots": mismatched[layer],
+                "megatron_vs_fit_load_difference": mismatched[layer],
             }
             for layer in routers
         },
