@@ -336,3 +336,55 @@ def test_plan_command_missing_or_bad_config(tmp_path, capsys):
     bad.write_text(json.dumps({**DEEPSEEK_V3, "n_group": 3}))
     assert main(["--config", str(bad), "--gpus-per-node", "8", "--gpu-memory-gib", "80"]) == 2
     assert "n_group" in capsys.readouterr().err
+
+
+SCORER_PEAK_WORKER = r"""
+import ctypes, json, sys
+import torch
+from megatron_easyep.mcore import patches
+from megatron_easyep.scoring.scorer import ExpertScorer
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+T, H, E, K = (int(v) for v in sys.argv[1:5])
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # large blocks straight from / back to the OS
+gen = torch.Generator().manual_seed(0)
+logits = torch.randn(T, E, generator=gen)
+top = logits.topk(K, dim=-1).indices
+routing = torch.zeros(T, E, dtype=torch.bool).scatter_(1, top, True)
+probs = torch.where(routing, torch.rand(T, E, generator=gen) + 0.1, torch.zeros(T, E))
+local, token = routing.T.nonzero().unbind(1)  # rows grouped by expert, tokens in order
+rows = torch.randn(local.shape[0], H, generator=gen) * probs[token, local][:, None]
+obs = patches.MoEObservation(
+    residual=torch.randn(T, H, generator=gen), moe_input=torch.randn(T, H, generator=gen),
+    routed_output=torch.randn(T, H, generator=gen), routing_map=routing, probs=probs, expert_rows=rows,
+    row_probs=probs[token, local], tokens_per_local_expert=routing.sum(0), local_expert_ids=list(range(E)))
+scorer = ExpertScorer([0], E, ["all"])
+scorer.begin_step(torch.zeros(T, dtype=torch.long))
+scorer.observe(0, obs)  # warm-up: lazy state (top-k, id cache)
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM)
+base = status("VmRSS:")
+scorer.observe(0, obs)
+print(json.dumps({"peak": status("VmHWM:") - base, "rows": int(rows.shape[0])}))
+"""
+
+
+@pytest.mark.parametrize("tokens, hidden, experts, top_k", [(4096, 1024, 16, 4), (512, 256, 64, 8)])
+def test_plan_scorer_estimate_matches_what_the_scorer_allocates(tokens, hidden, experts, top_k, tmp_path):
+    """The scorer's transient peak for one MoE layer, measured (VmHWM reset before observe), against
+    plan.scorer_bytes: an upper bound, within 30% (fp32 model, EP 1)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SCORER_PEAK_WORKER, str(tokens), str(hidden), str(experts),
+                           str(top_k)], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    estimate = plan.scorer_bytes(tokens=tokens, hidden=hidden, top_k=top_k, expert_parallel=1,
+                                 local_experts=experts, rows=measured["rows"], dtype_bytes=4)
+    assert measured["peak"] <= estimate * 1.02 + (1 << 20), (measured, estimate)
+    assert measured["peak"] >= 0.7 * estimate, (measured, estimate)

@@ -184,6 +184,24 @@ def model_size(cfg: DeepseekV3Config, experts: int | None = None, block=None) ->
 # Activations and workspace (per rank, scoring one micro-batch)
 # ------------------------------------------------------------------------------------------------
 
+def scorer_bytes(*, tokens: int, hidden: int, top_k: int, expert_parallel: int, local_experts: int,
+                 rows: int, dtype_bytes: int = 2) -> int:
+    """Peak transient memory of ExpertScorer.observe for one MoE layer (scoring/scorer.py), as its
+    code allocates it; tests/test_plan.py measures the real peak against this. Two phases:
+    s_t: h~ = h + routed ([T, H], model dtype), then fp32 copies of h and h~ and one fp32 product
+        inside cosine_similarity (3 x [T, H] fp32);
+    sums: the int32 [T, 2 + k] per-token record and its EP all-gather (twice: parts + cat), the
+        top-k ids, the [local experts, EP x T] routed mask, and per routed row (on this rank) the
+        gate / norms in fp32, the bin index and pair indices in int64, five float64 metric terms
+        and their stacked copy."""
+    group = expert_parallel * tokens
+    s_phase = tokens * hidden * (dtype_bytes + 3 * 4)
+    sums_phase = (tokens * (2 + top_k) * 4 + 2 * group * (2 + top_k) * 4 + tokens * top_k * 2 * 8
+                  + 2 * group * top_k * 8 + local_experts * group
+                  + rows * (3 * 4 + 3 * 8 + 2 * 5 * 8))
+    return max(s_phase, sums_phase)
+
+
 def scoring_activation_bytes(cfg: DeepseekV3Config, *, tokens: int, expert_parallel: int,
                              dtype_bytes: int = 2, experts: int | None = None,
                              imbalance: float = 2.0, fp8_resident: bool = False) -> dict[str, int]:
@@ -205,8 +223,9 @@ def scoring_activation_bytes(cfg: DeepseekV3Config, *, tokens: int, expert_paral
         "dense_mlp": tokens * 3 * I * dtype_bytes,
         # residual stream, norms, MoE output: ~8 [tokens, H]
         "hidden_states": 8 * tokens * H * dtype_bytes,
-        # the scorer's all-gather over the EP group: [EP x tokens, 2 + top-k] int32, twice
-        "scorer_gather": 2 * expert_parallel * tokens * (2 + k) * 4,
+        "scorer": scorer_bytes(tokens=tokens, hidden=H, top_k=k, expert_parallel=expert_parallel,
+                               local_experts=E // expert_parallel, rows=int(rows / expert_parallel),
+                               dtype_bytes=dtype_bytes),
     }
     if fp8_resident:
         # FP8-resident linears dequantise one weight at a time for the GEMM: the largest one
