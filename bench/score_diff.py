@@ -31,13 +31,16 @@ def main(argv=None) -> int:
     from megatron_easyep.pruning.selection import group_policy_for
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
     from megatron_easyep.scoring.metrics import METRICS
-    from megatron_easyep.pruning.selection import load_scores, select_experts
+    from megatron_easyep.pruning.selection import check_model_identity, load_scores, select_experts
 
     config = DeepseekV3Config.load(args.hf_checkpoint)
     a, b = load_scores(args.a), load_scores(args.b)
-    for run in (a, b):
-        if run.config_hash != config.config_hash:
-            raise SystemExit(f"error: {run.directory} scored another checkpoint than {args.hf_checkpoint}")
+    for run in (a, b):  # the same model in another storage format (BF16 copy vs FP8) is fine
+        try:
+            check_model_identity(str(run.directory), run.config_hash, run.architecture_hash,
+                                 run.storage_format, config)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     domains = list(a.domains)
     if list(b.domains) != domains:
         raise SystemExit(f"error: the runs scored different domains: {domains} vs {list(b.domains)}")

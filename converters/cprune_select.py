@@ -36,6 +36,7 @@ from megatron_easyep.pruning.export import MTP_ACTIONS, export_pruned
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
 from megatron_easyep.pruning.preflight import format_preflight
 from megatron_easyep.pruning.selection import (
+    check_model_identity,
     GROUP_POLICIES,
     SelectionError,
     load_scores,
@@ -170,11 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = DeepseekV3Config.load(args.hf_checkpoint)
         scores = load_scores(args.scores)
-        if scores.config_hash != config.config_hash:
-            raise SelectionError(
-                f"the score file {scores.directory} was made for a different checkpoint (config hash "
-                f"{scores.config_hash[:12]}..., this checkpoint's is {config.config_hash[:12]}...)"
-            )
+        note = check_model_identity(f"the score file {scores.directory}", scores.config_hash,
+                                    scores.architecture_hash, scores.storage_format, config)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         missing = [layer for layer in config.moe_layer_ids if layer not in scores.layers]
         if missing:
             raise SelectionError(f"the score file has no row for MoE layer(s) {missing}")
