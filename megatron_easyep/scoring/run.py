@@ -211,6 +211,12 @@ def run_scoring(run: ScoreRun) -> Path | None:
                 _log(layout, f"step {step + 1}/{steps}  rank0 tokens {tokens_done}  "
                              f"{tokens_done / max(elapsed, 1e-9):.0f} tokens/s")
     detach()
+    # the scoring loop's time, the slowest rank's (the last pipeline stage finishes last)
+    loop_seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(loop_seconds, op=dist.ReduceOp.MAX)
+    provenance["timing"] = {"scoring_loop_seconds": round(float(loop_seconds.item()), 3),
+                            "steps_run": steps - start}
     gpu_telemetry.stop()
     per_rank_telemetry = telemetry.gather_summaries(gpu_telemetry.summary())  # every rank
     if per_rank_telemetry is not None:
