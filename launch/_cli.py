@@ -34,3 +34,19 @@ def run_main(main) -> None:
     except (CheckpointError, DemoError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def add_allow_unexpected(parser) -> None:
+    parser.add_argument("--allow-unexpected-tensors", action="store_true",
+                        help="accept checkpoint tensors config.json does not describe (vendor extras); "
+                             "index entries that disagree with the shards are still refused")
+
+
+def apply_allow_unexpected(enabled: bool) -> None:
+    """The checkpoint reader takes it from the environment, so every rank and loader sees it."""
+    if enabled:
+        import os
+
+        from megatron_easyep.checkpoint.reader import ALLOW_UNEXPECTED_ENV
+
+        os.environ[ALLOW_UNEXPECTED_ENV] = "1"

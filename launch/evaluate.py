@@ -34,7 +34,10 @@ def main(argv=None):
     parser.add_argument("--json", dest="json_out", metavar="FILE", help="write the per-domain results here")
     parser.add_argument("--baseline", metavar="FILE",
                         help="an earlier --json (e.g. the full model): print its ppl and the change")
+    _cli.add_allow_unexpected(parser)
     args = parser.parse_args(argv)
+    _cli.apply_allow_unexpected(args.allow_unexpected_tensors)
+    del args.allow_unexpected_tensors
 
     from megatron_easyep.analysis.evaluation import EvalRun, run_evaluation
 

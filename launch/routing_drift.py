@@ -36,7 +36,10 @@ def main(argv=None):
                         help="model dtype (routing itself is fp32); default: float32 on CPU, "
                              "the checkpoint's dtype on GPU")
     parser.add_argument("--seed", type=int, default=1234)
+    _cli.add_allow_unexpected(parser)
     args = parser.parse_args(argv)
+    _cli.apply_allow_unexpected(args.allow_unexpected_tensors)
+    del args.allow_unexpected_tensors
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be >= 1")
 

@@ -48,6 +48,7 @@ def parse_args(argv=None):
                              "the FP8 bytes (twice the weight memory; for comparison)")
     parser.add_argument("--telemetry-interval", type=float,
                         help="seconds between GPU memory/utilisation samples (GPUs only)")
+    _cli.add_allow_unexpected(parser)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
@@ -67,6 +68,7 @@ def main(argv=None):
     from megatron_easyep.scoring.run import ScoreRun, run_scoring
 
     values = parse_args(argv)
+    _cli.apply_allow_unexpected(values.pop("allow_unexpected_tensors", False))
     known = set(ScoreRun.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:

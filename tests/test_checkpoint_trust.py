@@ -198,6 +198,16 @@ def test_unexpected_tensor_escape_hatch(fp8_ckpt, tmp_path):
         HFCheckpoint(other, allow_unexpected=True)
 
 
+def test_score_cli_escape_hatch_flag(fp8_ckpt, demos, tmp_path):
+    """launch/score.py refuses a vendor extra by default and takes it with --allow-unexpected-tensors."""
+    src = _copy(fp8_ckpt, tmp_path / "src")
+    _lie("unexpected_tensor_in_shard", src)
+    refused = _score(src, demos, tmp_path / "refused")
+    assert refused.returncode == 2 and EXTRA in _error_line(refused)
+    _ok(_score(src, demos, tmp_path / "taken", "--allow-unexpected-tensors"), "score with the flag")
+    assert (tmp_path / "taken" / "scores.safetensors").is_file()
+
+
 def _write_scores_for(ckpt: Path, out: Path) -> None:
     """A score file as an older scoring run of `ckpt` wrote it (config_hash only)."""
     from megatron_easyep.pruning.selection import write_score_file
