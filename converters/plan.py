@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pp", type=int, default=16, help="largest pipeline size to consider")
     parser.add_argument("--checkpoint-path", default=None,
                         help="checkpoint path to print in the torchrun line (default: --hf-checkpoint or CKPT)")
+    parser.add_argument("--demos", action="append", metavar="FILE[:DOMAIN]",
+                        help="demonstrations for the printed launch line (repeatable; default a placeholder)")
+    parser.add_argument("--output", help="score directory for the printed launch line (default a placeholder)")
     parser.add_argument("--overhead-gib", type=float, default=3.0,
                         help="fixed per-rank overhead while scoring: CUDA context, NCCL, allocator")
     parser.add_argument("--serve-kv-tokens", type=int, default=plan.ServeAssumptions.kv_tokens,
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
             keeps=args.keep, dtype=args.dtype, tokens=args.max_length,
             overhead_gib=args.overhead_gib, imbalance=args.imbalance, max_pp=args.max_pp,
-            checkpoint=args.checkpoint_path or args.hf_checkpoint or "CKPT",
+            checkpoint=args.checkpoint_path or args.hf_checkpoint or "CKPT", demos=args.demos,
+            output=args.output,
             serve=plan.ServeAssumptions(kv_tokens=args.serve_kv_tokens))
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"plan: error: {err}", file=sys.stderr)

@@ -306,6 +306,21 @@ def test_plan_command_recommends_pp_x_ep_at_16k(v3_config_file, tmp_path):
     assert "-> smallest: PP=2 x EP=8 on 16 GPUs (2 node(s) x 8)" in fp8.stdout
 
 
+def test_plan_prints_a_launch_line_that_runs_as_printed(tiny_ckpt, tmp_path):
+    """The torchrun line plan prints for a checkpoint, run exactly as printed, scores it."""
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"input_ids": list(range(3, 3 + n))}) + "\n" for n in (12, 20)))
+    proc = _plan("--hf-checkpoint", str(tiny_ckpt), "--gpus-per-node", "2", "--gpu-memory-gib", "8",
+                 "--max-length", "64", "--demos", f"{demos}:d", "--output", str(tmp_path / "scores"))
+    assert proc.returncode == 0, proc.stderr
+    line = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip().startswith("torchrun ")][0]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ.get('PATH', '')}"}
+    run = subprocess.run(["bash", "-c", line], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, (line, run.stderr[-3000:])
+    assert json.loads((tmp_path / "scores" / "scores.json").read_text())["tokens"]["all"] == 32
+
+
 def test_plan_command_from_a_checkpoint_dir(tiny_ckpt, capsys):
     assert _plan_main()(["--hf-checkpoint", str(tiny_ckpt), "--gpus-per-node", "2",
                          "--gpu-memory-gib", "8"]) == 0

@@ -286,7 +286,8 @@ class ScoringLayout:
         return self.weights_bytes + self.activation_bytes + self.overhead_bytes
 
     def torchrun(self, *, checkpoint: str = "CKPT", tokens: int | None = None,
-                 dequantize_at_load: bool = False) -> str:
+                 dequantize_at_load: bool = False, demos: list[str] | None = None,
+                 output: str | None = None) -> str:
         """The launch line (run on every node; NODE_RANK and MASTER_ADDR from the scheduler)."""
         cmd = ["torchrun", f"--nnodes {self.nodes}", f"--nproc-per-node {self.gpus_per_node}"]
         if self.nodes > 1:
@@ -298,6 +299,9 @@ class ScoringLayout:
             cmd += [f"--max-length {tokens}"]
         if dequantize_at_load:
             cmd += ["--dequantize-at-load"]
+        cmd += [f"--demos {d}" for d in demos or []]
+        if output is not None:
+            cmd += [f"--output {output}"]
         return " ".join(cmd)
 
 
@@ -487,8 +491,10 @@ def default_dtype(cfg: DeepseekV3Config) -> str:
 def build_report(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_gib: float,
                  keeps: list[int] | None = None, dtype: str | None = None, tokens: int = 4096,
                  overhead_gib: float = 3.0, serve: ServeAssumptions = ServeAssumptions(),
-                 imbalance: float = 2.0, max_pp: int = 16, checkpoint: str = "CKPT") -> dict:
-    """Everything the plan command prints, as data. `dtype` None: as the loader holds them."""
+                 imbalance: float = 2.0, max_pp: int = 16, checkpoint: str = "CKPT",
+                 demos: list[str] | None = None, output: str | None = None) -> dict:
+    """Everything the plan command prints, as data. `dtype` None: as the loader holds them.
+    `demos` / `output` complete the printed launch line (placeholders when not given)."""
     dtype = dtype or default_dtype(cfg)
     memory = int(gpu_memory_gib * GIB)
     size = model_size(cfg)
@@ -511,6 +517,7 @@ def build_report(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_gib: f
             "gpus_per_node": gpus_per_node, "gpu_memory_gib": gpu_memory_gib,
             "overhead_gib": overhead_gib, "imbalance": imbalance, "scoring": layouts,
             "checkpoint": checkpoint,
+            "demos": list(demos) if demos else ["DEMOS.jsonl:DOMAIN"], "output": output or "SCORES_DIR",
             "dequantize_at_load": cfg.is_fp8 and dtype == "bf16",
             "activations": scoring_activation_bytes(
                 cfg, tokens=tokens, expert_parallel=layouts[0].ep if layouts else 1,
@@ -571,7 +578,8 @@ def format_report(report: dict) -> str:
           f"{best.gpus_per_node}); per-stage weights per rank: "
           + ", ".join(_gib(b) for b in best.stage_weight_bytes))
         w("       " + best.torchrun(checkpoint=report["checkpoint"], tokens=report["tokens"],
-                                    dequantize_at_load=report["dequantize_at_load"]))
+                                    dequantize_at_load=report["dequantize_at_load"],
+                                    demos=report["demos"], output=report["output"]))
     else:
         w("    -> the full model does not fit on this node shape with any PP x EP "
           f"(EP a divisor of {cfg.n_routed_experts}).")
@@ -609,7 +617,8 @@ def report_as_json(report: dict) -> dict:
         "weights": report["dtype"], "tokens": report["tokens"], "imbalance": report["imbalance"],
         "scoring": [dict(layout(l), per_rank_bytes=l.per_rank_bytes,
                          torchrun=l.torchrun(checkpoint=report["checkpoint"], tokens=report["tokens"],
-                                             dequantize_at_load=report["dequantize_at_load"]))
+                                             dequantize_at_load=report["dequantize_at_load"],
+                                             demos=report["demos"], output=report["output"]))
                     for l in report["scoring"]],
         "recommended": None if not report["scoring"] else {
             k: getattr(report["scoring"][0], k) for k in ("pp", "ep", "gpus", "nodes", "gpus_per_node")}
