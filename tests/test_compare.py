@@ -22,7 +22,7 @@ DOMAINS = ["math", "code"]
 KEEPS = [8, 16]
 SEEDS = [0, 1]
 METRICS = ["easyep", "easyep_no_token", "easyep_no_norm", "gate", "frequency"]
-CRITERIA = [*METRICS, "random", "cprune", "cprune_global"]
+CRITERIA = [*METRICS, "reap", "random", "cprune", "cprune_global"]  # the grid's default order
 FIELDS = ["criterion", "seed", "selection_domain", "keep", "n_routed_experts", "group_policy", "eval_domain",
           "tokens", "kl", "top1", "nll", "ppl", "nll_full", "ppl_full", "selection_id"]
 PLOTS = ["quality_vs_m.png", "score_heatmaps.png", "overlap_demos.png", "overlap_domains.png"]

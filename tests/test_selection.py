@@ -298,4 +298,4 @@ def test_score_diff_bench_known_changes(tiny_ckpt, tmp_path):
     proc = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "score_diff.py"),
                            "--hf-checkpoint", str(tiny_ckpt), str(tmp_path / "a"), str(tmp_path / "other")],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "another checkpoint" in proc.stderr
+    assert proc.returncode != 0 and "different checkpoint" in proc.stderr

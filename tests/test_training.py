@@ -424,7 +424,8 @@ def test_demo_script_on_the_trained_model(trained_run, tmp_path):
         assert r["tokens"] == report["heldout"]["final"][domain]["tokens"]
         assert r["nll"] == pytest.approx(report["heldout"]["final"][domain]["loss"], abs=0.1)
         assert pruned[domain]["tokens"] == r["tokens"]
-        row = [line.split() for line in proc.stdout.splitlines() if line.startswith(domain + " ")][-1]
+        math_table = proc.stdout.split("-- pruned for math")[1].split("-- pruned for code")[0]
+        row = [line.split() for line in math_table.splitlines() if line.startswith(domain + " ")][-1]
         change = 100 * (pruned[domain]["ppl"] / r["ppl"] - 1)
         assert row[-1] == f"{change:+.1f}%", (row, change)
 
