@@ -42,8 +42,28 @@ def test_shipped_model_demo_prints_the_committed_numbers(tmp_path):
         printed = {d: {"tokens": r["tokens"], "nll": f"{r['nll']:.4f}", "ppl": f"{r['ppl']:.3f}"}
                    for d, r in got.items()}
         assert printed == expected[name], name
+    # the change column is pruned / full perplexity of the saved evaluations
+    full = json.loads((tmp_path / "demo" / "eval_full.json").read_text())["results"]
+    tables = _tables(proc.stdout)
+    for name, header in (("eval_pruned_math", "-- pruned for math"), ("eval_pruned_code", "-- pruned for code")):
+        pruned = json.loads((tmp_path / "demo" / f"{name}.json").read_text())["results"]
+        for row in tables[header]:
+            domain = row.split()[0]
+            assert row.split()[-1] == f"{100 * (pruned[domain]['ppl'] / full[domain]['ppl'] - 1):+.1f}%", row
     # the README shows exactly what the demo printed for the two pruned models
     readme = (REPO / "README.md").read_text()
     for header, rows in _tables(proc.stdout).items():
         if header.startswith("-- pruned"):
             assert rows and all(row in readme for row in rows), (header, rows)
+
+
+def test_a_failing_demo_step_stops_the_demo(tmp_path):
+    """KEEP=5 is not routable: the export step fails, and the demo stops with the error."""
+    env = {**os.environ, "OUT": str(tmp_path / "demo"), "OMP_NUM_THREADS": "1", "KEEP": "5",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("TRAINED", None)
+    bad = subprocess.run(["bash", str(REPO / "launch" / "demo.sh")], capture_output=True, text=True, env=env,
+                         timeout=900, cwd=REPO)
+    assert bad.returncode != 0
+    assert "error" in bad.stderr.lower() and "keep" in bad.stderr.lower()
+    assert not (tmp_path / "demo" / "pruned_math").exists()
