@@ -58,12 +58,18 @@ def test_shipped_model_demo_prints_the_committed_numbers(tmp_path):
 
 
 def test_a_failing_demo_step_stops_the_demo(tmp_path):
-    """KEEP=5 is not routable: the export step fails, and the demo stops with the error."""
-    env = {**os.environ, "OUT": str(tmp_path / "demo"), "OMP_NUM_THREADS": "1", "KEEP": "5",
+    """A model directory with a shard missing: the scoring step fails at open, and the demo stops
+    there with the error (exit non-zero, nothing exported)."""
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(MODEL, broken)
+    next((broken / "hf-fp8").glob("model-*.safetensors")).unlink()
+    env = {**os.environ, "OUT": str(tmp_path / "demo"), "OMP_NUM_THREADS": "1", "TRAINED": str(broken),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("TRAINED", None)
+    env.pop("RETRAIN", None)
     bad = subprocess.run(["bash", str(REPO / "launch" / "demo.sh")], capture_output=True, text=True, env=env,
                          timeout=900, cwd=REPO)
     assert bad.returncode != 0
-    assert "error" in bad.stderr.lower() and "keep" in bad.stderr.lower()
+    assert "error" in bad.stderr.lower() and ".safetensors" in bad.stderr
     assert not (tmp_path / "demo" / "pruned_math").exists()
