@@ -137,6 +137,36 @@ def test_every_fp8_linear_costs_one_byte_per_element_plus_scales(one_rank, fp8_c
     assert held_elements == stored_elements  # embedding, norms, router, bias, lm_head: as stored (fp32 here)
 
 
+def test_a_linear_stored_in_bf16_is_held_as_stored(fp8_ckpt, tmp_path):
+    """An FP8 checkpoint with one linear in BF16 (a vendor's modules_to_not_convert): that linear is
+    held in high precision, the others FP8, and the default path still equals dequantise-at-load."""
+    from megatron_easyep.checkpoint.fp8_blocks import dequantize_fp8_blockwise
+
+    ckpt = tmp_path / "mixed"
+    shutil.copytree(fp8_ckpt, ckpt)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = ckpt / index["weight_map"][name]
+    with safe_open(shard, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    scale = tensors.pop(f"{name}_scale_inv")
+    tensors[name] = dequantize_fp8_blockwise(tensors[name], scale, BLOCK, dtype=torch.bfloat16)
+    save_file(tensors, shard, metadata=metadata)
+    del index["weight_map"][f"{name}_scale_inv"]
+    index["metadata"]["total_size"] += tensors[name].numel() - 4 * scale.numel()  # 2 bytes now, was 1 + scales
+    index_path.write_text(json.dumps(index))
+    out = tmp_path / "mixed.pt"
+    _torchrun(1, out, ckpt, 1, "alltoall")
+    result = torch.load(out, weights_only=False)
+    res, deq = result["alltoall"]["resident"], result["alltoall"]["dequantized"]
+    _assert_same(res, deq)
+    assert "decoder.layers.0.self_attention.linear_proj" not in res["held"]
+    assert res["dtypes"]["decoder.layers.0.self_attention.linear_proj.weight"] == "torch.float32"
+    assert "decoder.layers.1.self_attention.linear_proj" in res["held"]
+
+
 def test_triton_kernels_under_the_interpreter_match_emulated(tmp_path):
     out = tmp_path / "triton.pt"
     proc = subprocess.run([sys.executable, str(TESTS / "fp8_triton_worker.py"), str(out)], capture_output=True,
