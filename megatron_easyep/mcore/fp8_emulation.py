@@ -232,27 +232,24 @@ def _row_splits(name: str, module, weight: torch.Tensor) -> list[int]:
     return [weight.shape[0]]
 
 
+# The HF tensor a permuted Megatron linear is loaded from (model.megatron_row_order keys on it).
+_ROPE_PERMUTED_HF = {"linear_q_up_proj": "self_attn.q_b_proj.weight", "linear_q_proj": "self_attn.q_proj.weight",
+                     "linear_kv_down_proj": "self_attn.kv_a_proj_with_mqa.weight"}
+
+
 def _rope_row_permutation(name: str, weight: torch.Tensor, hf_config):
     """For checkpoints with rope_interleave = false, model.load_weights permutes each head's rope
-    rows; FP8 blocks are defined on the HF row order. Returns (hf_order_from_megatron, back) index
-    tensors, or None when no permutation applies."""
-    if hf_config is None or getattr(hf_config, "rope_interleave", True):
+    rows; FP8 blocks are defined on the HF row order. Returns (hf_from_megatron, megatron_from_hf)
+    index tensors, or None when no permutation applies."""
+    hf_name = _ROPE_PERMUTED_HF.get(name.rsplit(".", 1)[-1])
+    if hf_config is None or hf_name is None:
         return None
-    leaf = name.rsplit(".", 1)[-1]
-    rope = hf_config.qk_rope_head_dim
-    if leaf in ("linear_q_up_proj", "linear_q_proj"):
-        head = hf_config.qk_nope_head_dim + rope
-    elif leaf == "linear_kv_down_proj":
-        head = weight.shape[0]
-    else:
-        return None
-    from megatron_easyep.mcore.model import _deinterleave_rope_rows
+    from megatron_easyep.mcore.model import megatron_row_order
 
-    # Apply the loader's permutation to row indices to learn where each HF row went.
-    rows = torch.arange(weight.shape[0], dtype=torch.float64)[:, None]
-    megatron_from_hf = _deinterleave_rope_rows(rows, head, rope)[:, 0].long()  # meg row i = hf row p[i]
-    hf_from_megatron = torch.argsort(megatron_from_hf)
-    return hf_from_megatron, megatron_from_hf
+    megatron_from_hf = megatron_row_order(hf_config, hf_name, weight.shape[0])
+    if megatron_from_hf is None:
+        return None
+    return torch.argsort(megatron_from_hf), megatron_from_hf
 
 
 @torch.no_grad()
