@@ -4,7 +4,7 @@
 #   here:   make gpu-wheels                      (downloads it into wheels/, git-ignored)
 #   device: run(command="bash bench/gpu_check.sh", carry=["wheels"])   -> $OUT/gpu_check.json
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT_FILE=${1:-${OUT:-/tmp}/gpu_check.json}
 SITE=$(mktemp -d)
 if compgen -G "wheels/megatron_core-*.whl" >/dev/null; then
