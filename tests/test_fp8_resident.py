@@ -97,7 +97,7 @@ def test_held_weights_are_the_checkpoints_bytes_and_scales(one_rank, fp8_ckpt):
     raw = _raw(fp8_ckpt, "model.layers.0.self_attn.q_b_proj.weight")
     assert torch.equal(q_up["codes"].view(torch.uint8), raw.view(torch.uint8))
     assert torch.equal(q_up["scale_inv"], _raw(fp8_ckpt, "model.layers.0.self_attn.q_b_proj.weight_scale_inv"))
-    head, rope = 24, 8  # qk_nope 16 + qk_rope 8 of the tiny preset
+    head = 24  # qk_nope 16 + qk_rope 8 of the tiny preset
     first_head = q_up["out_index"][:head].tolist()
     assert first_head[:16] == list(range(16))
     assert first_head[16:] == [16, 20, 17, 21, 18, 22, 19, 23]  # interleave the two rope halves

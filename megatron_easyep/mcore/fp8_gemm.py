@@ -36,7 +36,6 @@ import torch
 
 from megatron_easyep.checkpoint.fp8_blocks import FP8_DTYPE, FP8_E4M3_MAX, MIN_BLOCK_AMAX, dequantize_fp8_blockwise
 
-COMPUTE_MODES = ("dequantize", "native")
 # rows dequantised at a time (a multiple of every block height we meet): bounds the fp32 temporary
 _DEQUANT_CHUNK_ROWS = 1024
 
