@@ -5,14 +5,17 @@
 (a) block-scaled FP8 GEMMs at DeepSeek-V3's shapes (N x K = 1536x7168, 24576x1536, 576x7168,
     32768x512, 7168x16384, 4096x7168, 7168x2048; M = 1, 128, 4096): torch._scaled_mm block-wise
     (cuBLAS) and the Triton kernel vs the dequantised fp32 reference: max relative error, TFLOP/s.
-(b) the `small` preset (Moonlight widths, 64 experts, FP8 128 x 128) scored with --fp8 native vs
-    --fp8 emulated: top-M overlap of the easyep selection per layer (M = E/4, E/2).
+(b) the `small` preset (Moonlight widths, 64 experts, FP8 128 x 128) scored with --fp8 none, emulated,
+    native and native on the Triton kernel alone: non-finite values and the first module making
+    them, logits and easyep-sum differences, top-M overlap of the selection per layer (M = E/4, E/2).
 (c) one real-width MoE layer (v3-width preset, 32 experts, FP8): torch.cuda.max_memory_allocated
     after load and over a forward, FP8-resident vs dequantised-at-load bf16, and tokens/s with and
     without the scorer attached.
 (d) one real-width MLA attention at 16k tokens in bf16: which scaled-dot-product-attention
     backends accept q/k head dim 192 with v head dim 128, which one the default call runs, and the
     peak memory of a forward of the layer.
+(e) cuBLAS block-wise coverage: K and N block counts that are not multiples of 4, M not a multiple
+    of 4: the raw torch._scaled_mm call vs the fp32 reference, and whether the code routes it there.
 Each part records its own error instead of stopping the others.
 """
 
@@ -64,9 +67,10 @@ def part_a(quick: bool) -> list[dict]:
             q_ref, s_ref = fp8_emulation.quantize_activation(x, 128)
             x_ref = fp8_emulation.dequantize_activation(q_ref, s_ref, 128, torch.float32)
             y_ref = x_ref @ w_ref.t()
-            row = {"m": m, "n": n, "k": k,
-                   "act_quant_bitexact": bool(torch.equal(xq.view(torch.uint8), q_ref.view(torch.uint8))
-                                              and torch.equal(xs, s_ref))}
+            code_diff = int((xq.view(torch.uint8) != q_ref.view(torch.uint8)).sum())
+            scale_diff = int((xs != s_ref).sum())
+            row = {"m": m, "n": n, "k": k, "act_quant_bitexact": code_diff == 0 and scale_diff == 0,
+                   "act_codes_differing": code_diff, "act_scales_differing": scale_diff}
             flops = 2 * m * n * k
             row["bf16_tflops"] = flops / _time(lambda: x @ w_ref.to(torch.bfloat16).t()) / 1e12
             for name, fn in (("scaled_mm", lambda: fp8_gemm.scaled_mm_blockwise(xq, xs, wq, ws, torch.bfloat16)),
@@ -110,28 +114,70 @@ def _score(model, cfg, seqs, attach=True):
     return scorer
 
 
+def _first_nonfinite_hooks(model, found: list):
+    """Forward hooks on every module: the first (innermost) module whose output is not finite."""
+    def hook(name):
+        def fn(module, inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if found or not (torch.is_tensor(out) and out.is_floating_point()) or torch.isfinite(out).all():
+                return
+            x = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
+            found.append({"module": name, "type": type(module).__name__, "output_shape": list(out.shape),
+                          "input_finite": None if x is None else bool(torch.isfinite(x).all()),
+                          "input_shape": None if x is None else list(x.shape),
+                          "nonfinite_outputs": int((~torch.isfinite(out)).sum())})
+        return fn
+    return [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
+
+
 def part_b(workdir: Path, quick: bool) -> dict:
+    """The `small` preset scored under --fp8 none / emulated / native (cuBLAS where it applies) /
+    native with every GEMM on the Triton kernel: non-finite values (and the first module that makes
+    them), logits and easyep-sum differences, and top-M selection overlap between modes."""
     from megatron_easyep.checkpoint.tiny import make_tiny_checkpoint
+    from megatron_easyep.mcore import fp8_gemm
+    from megatron_easyep.mcore import model as model_lib
 
     ckpt = make_tiny_checkpoint(workdir / "small-fp8", "small", fp8=True, num_shards=2)
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 4096, (256,), generator=gen).tolist() for _ in range(4 if quick else 16)]
-    sums = {}
-    for mode in ("native", "emulated"):
-        cfg, model, fp8 = _load(ckpt, mode=mode)
-        sums[mode] = _score(model, cfg, seqs).sums[0, 0].cpu()  # easyep, [L, E]
+    runs, out = {}, {}
+    scaled_mm_ok = fp8_gemm.scaled_mm_blockwise_ok
+    for label, mode in (("none", "none"), ("emulated", "emulated"), ("native", "native"),
+                        ("native_triton", "native")):
+        fp8_gemm.scaled_mm_blockwise_ok = (lambda *a, **k: False) if label == "native_triton" else scaled_mm_ok
+        try:
+            cfg, model, _ = _load(ckpt, mode=mode)
+            found: list = []
+            handles = _first_nonfinite_hooks(model, found)
+            sums = _score(model, cfg, seqs).sums[0, 0].cpu()  # easyep, [L, E]
+            with torch.no_grad():
+                logits = model_lib.forward_padded(model, seqs[0], len(seqs[0])).float().cpu()
+            for h in handles:
+                h.remove()
+            runs[label] = (sums, logits)
+            out[label] = {"nonfinite_sums": int((~torch.isfinite(sums)).sum()),
+                          "nonfinite_logits": int((~torch.isfinite(logits)).sum()),
+                          "first_nonfinite": found[0] if found else None}
+        finally:
+            fp8_gemm.scaled_mm_blockwise_ok = scaled_mm_ok
         del model
         torch.cuda.empty_cache()
     e = cfg.n_routed_experts
-    out = {"experts": e, "layers": int(sums["native"].shape[0])}
-    for m in (e // 4, e // 2):
-        per_layer = []
-        for row in range(sums["native"].shape[0]):
-            a = set(sums["native"][row].topk(m).indices.tolist())
-            b = set(sums["emulated"][row].topk(m).indices.tolist())
-            per_layer.append(len(a & b) / m)
-        out[f"top{m}_overlap"] = per_layer
-    out["max_rel_diff"] = float((sums["native"] - sums["emulated"]).abs().max() / sums["emulated"].abs().max())
+    out.update(experts=e, layers=int(runs["none"][0].shape[0]))
+
+    def compare(a: str, b: str) -> dict:
+        (sa, la), (sb, lb) = runs[a], runs[b]
+        row = {"logits_max_rel_diff": float((la - lb).abs().max() / lb.abs().max()),
+               "sums_max_rel_diff": float((sa - sb).abs().max() / sb.abs().max())}
+        for m in (e // 4, e // 2):
+            row[f"top{m}_overlap"] = [len(set(sa[r].topk(m).indices.tolist()) & set(sb[r].topk(m).indices.tolist())) / m
+                                      for r in range(sa.shape[0])]
+        return row
+
+    out["native_vs_emulated"] = compare("native", "emulated")
+    out["native_triton_vs_emulated"] = compare("native_triton", "emulated")
+    out["emulated_vs_none"] = compare("emulated", "none")
     print("(b)", out, flush=True)
     return out
 
@@ -196,10 +242,38 @@ def part_d(quick: bool) -> dict:
     return out
 
 
+def part_e() -> list[dict]:
+    """cuBLAS block-wise coverage: K- and N-block counts that are not multiples of 4 and M not a
+    multiple of 4: whether `scaled_mm_blockwise_ok` sends the shape to cuBLAS, and the raw
+    torch._scaled_mm call against the dequantised fp32 reference."""
+    from megatron_easyep.checkpoint.fp8_blocks import dequantize_fp8_blockwise, quantize_fp8_blockwise
+    from megatron_easyep.mcore import fp8_emulation, fp8_gemm
+
+    rows = []
+    for n, k in ((1408, 2048), (2048, 1408), (1536, 1408), (1408, 640), (2816, 2048), (512, 1536)):
+        w = torch.randn(n, k, device="cuda") / k ** 0.5
+        wq, ws = quantize_fp8_blockwise(w, (128, 128))
+        w_ref = dequantize_fp8_blockwise(wq, ws, (128, 128), torch.float32)
+        for m in (1, 3, 37, 128):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq, xs = fp8_emulation.quantize_activation(x, 128)
+            y_ref = fp8_emulation.dequantize_activation(xq, xs, 128, torch.float32) @ w_ref.t()
+            row = {"m": m, "n": n, "k": k, "routed_to_cublas": fp8_gemm.scaled_mm_blockwise_ok(x.device, (128, 128), n, k)}
+            try:
+                y = torch._scaled_mm(fp8_gemm._pad_rows(xq, 4), wq.t(), scale_a=fp8_gemm._pad_rows(xs, 4).t().contiguous().t(),
+                                     scale_b=ws.t(), out_dtype=torch.bfloat16)[:m].float()
+                row["raw_rel_err"] = float((y - y_ref).abs().max() / y_ref.abs().max())
+            except Exception as exc:  # noqa: BLE001
+                row["raw_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+            print("(e)", row, flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--parts", default="a,b,c,d")
+    p.add_argument("--parts", default="a,b,c,d,e")
     p.add_argument("--quick", action="store_true", help="fewer shapes and tokens (a dry run)")
     args = p.parse_args(argv)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__}
@@ -223,7 +297,8 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             try:
                 fn = {"a": lambda: part_a(args.quick), "b": lambda: part_b(Path(tmp), args.quick),
-                      "c": lambda: part_c(Path(tmp), args.quick), "d": lambda: part_d(args.quick)}[part]
+                      "c": lambda: part_c(Path(tmp), args.quick), "d": lambda: part_d(args.quick),
+                      "e": part_e}[part]
                 result[part] = fn()
             except Exception:  # noqa: BLE001 - one part's failure must not hide the others
                 result[part] = {"error": traceback.format_exc()[-2000:]}

@@ -27,6 +27,7 @@ def main(out_path: str) -> None:
     for m, n, k, block in cases:
         x = torch.randn(m, k, generator=gen) * 3
         x[0, : min(k, 7)] = 0.0  # a partly zero group
+        x[-1, 1:4] = torch.tensor([-1e-9, -0.0, 1e-9])  # round to signed zeros: the codes keep the sign
         w = torch.randn(n, k, generator=gen) * 0.05
         wq, ws = quantize_fp8_blockwise(w, block)
 

@@ -223,3 +223,16 @@ def test_native_without_cuda_names_emulated(fp8_ckpt, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--fp8 emulated" in proc.stderr and "CUDA" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cublas_blockwise_refuses_k_that_is_not_whole_groups_of_4_blocks():
+    """On an H200, torch._scaled_mm block-wise with K = 1408 (11 blocks of 128) returned products off
+    by 80-2400% without an error (bench/results/gpu_check_h200.json, part e): such shapes go to
+    the Triton kernel, and a direct call is refused before reaching cuBLAS."""
+    from megatron_easyep.mcore import fp8_gemm
+
+    xq = torch.zeros(4, 1408, dtype=torch.float8_e4m3fn)
+    wq = torch.zeros(256, 1408, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="multiple of 512"):
+        fp8_gemm.scaled_mm_blockwise(xq, torch.ones(4, 11), wq, torch.ones(2, 11), torch.bfloat16)
+    assert not fp8_gemm.scaled_mm_blockwise_ok(torch.device("cpu"), (128, 128), 256, 2048)

@@ -151,7 +151,10 @@ def quantize_activation(x: torch.Tensor, group_size: int = 128) -> tuple[torch.T
     if groups * g != k:
         flat = torch.nn.functional.pad(flat, (0, groups * g - k))  # zeros never raise an amax
     blocks = flat.view(-1, groups, g)
-    scale = blocks.abs().amax(dim=-1).clamp(min=MIN_BLOCK_AMAX) / FP8_E4M3_MAX
+    amax = blocks.abs().amax(dim=-1).clamp(min=MIN_BLOCK_AMAX)
+    # a tensor divisor: torch on CUDA turns division by a Python scalar into a multiplication by its
+    # reciprocal (not the IEEE quotient), which would make this oracle device-dependent
+    scale = amax / torch.full_like(amax, FP8_E4M3_MAX)
     q = (blocks / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
     q = q.view(-1, groups * g)[:, :k].reshape(x.shape)
     return q, scale.reshape(*x.shape[:-1], groups)

@@ -110,12 +110,13 @@ def native_unavailable_reason(device: torch.device) -> str | None:
 
 def scaled_mm_blockwise_ok(device: torch.device, block: tuple[int, int], n: int, k: int) -> bool:
     """cuBLAS's block-scaled FP8 GEMM takes 128 x 128 weight blocks and 1 x 128 activation groups
-    on sm_90 (torch built with CUDA >= 12.9), with K and N whole blocks."""
+    on sm_90 (torch built with CUDA >= 12.9), with N whole blocks and K a whole number of 4-block
+    groups (K = 1408, 11 blocks, gives wrong products: see scaled_mm_blockwise)."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or tuple(block) != (128, 128):
         return False
     if torch.cuda.get_device_capability(device) != (9, 0):
         return False
-    return k % 128 == 0 and n % 128 == 0
+    return k % 512 == 0 and n % 128 == 0
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -133,6 +134,10 @@ def scaled_mm_blockwise(xq, xs, wq, ws, out_dtype) -> torch.Tensor:
     """y [M, N] = (xq * xs) @ (wq * ws)^T through torch._scaled_mm's block-wise mode: activation
     scales [M, K/128] (1 x 128, outer-dim-major), weight scales [N/128, K/128] (128 x 128). M is
     padded to a multiple of 4 (cuBLAS's scale layout)."""
+    if wq.shape[1] % 512:
+        # measured on an H200 (bench/gpu_check.py part e): with K/128 not a multiple of 4 cuBLAS
+        # reads the weight scales with a padded stride and returns wrong products without an error
+        raise ValueError(f"cuBLAS block-wise FP8 needs K a multiple of 512, got K = {wq.shape[1]}")
     m = xq.shape[0]
     xq, xs = _pad_rows(xq, 4), _pad_rows(xs, 4)
     y = torch._scaled_mm(xq, wq.t(), scale_a=xs.t().contiguous().t(), scale_b=ws.t(), out_dtype=out_dtype)
@@ -159,8 +164,10 @@ def _triton_kernels():
         cols = group * GROUP + tl.arange(0, GROUP)
         mask = cols < K
         x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX) / FP8_MAX
-        v = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        # IEEE round-to-nearest divisions: Triton's `/` on fp32 compiles to an approximate divide on
+        # CUDA (off by an ulp now and then), which would break bit-equality with torch's reference
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), MIN_AMAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
         # Round to the nearest e4m3 value (ties to even) in fp32 so the cast below is exact: the
         # step is 2^(exponent - 3) for normals, 2^-9 below 2^-6; adding and removing 1.5 * 2^23
         # times the step rounds to a multiple of it. (Triton's interpreter rounds fp32 -> fp8
@@ -168,7 +175,10 @@ def _triton_kernels():
         exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         step = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
         magic = step * 12582912.0
-        v = (v + magic) - magic
+        rounded = (v + magic) - magic
+        # keep v's sign on values that round to zero (torch's cast gives -0 for a tiny negative)
+        sign = v.to(tl.int32, bitcast=True) & -2147483648
+        v = ((rounded.to(tl.int32, bitcast=True) & 2147483647) | sign).to(tl.float32, bitcast=True)
         tl.store(q_ptr + row * stride_qm + cols, v.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row * stride_sm + group, scale)
 
