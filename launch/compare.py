@@ -15,6 +15,14 @@ megatron_easyep/analysis/compare.py for every convention. Progress goes to stder
     python launch/compare.py --rerender DIR
 
 rewrites DIR/table.md and the plots from a finished comparison's files, computing nothing.
+
+    python launch/compare.py --across runs/compare_seed0 runs/compare_seed1 runs/compare_seed2 \
+        --output docs/compare/aggregate
+
+aggregates finished comparisons of independently trained models (same grid): every number as the
+mean over models [min, max], every comparison between criteria as a count of models
+(megatron_easyep/analysis/across_models.py). Writes table.md, aggregate.csv, wins.csv,
+results_all.csv and quality_vs_m.png into --output.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rerender", metavar="DIR",
                         help="only rewrite table.md and the plots of a finished comparison in DIR")
+    parser.add_argument("--across", nargs="+", metavar="DIR",
+                        help="aggregate finished comparisons of several trained models into --output")
     parser.add_argument("--hf-checkpoint")
     parser.add_argument("--demos", action="append",
                         help="calibration FILE:DOMAIN (repeatable; scored once, all of them)")
@@ -57,7 +67,9 @@ def parse_args(argv=None):
                         help="continue an interrupted run in --output: pruned models already evaluated "
                              "with the same checkpoint and held-out text are not evaluated again")
     args = parser.parse_args(argv)
-    if args.rerender is None:
+    if args.across is not None and args.output is None:
+        parser.error("--across needs --output")
+    if args.rerender is None and args.across is None:
         missing = [flag for flag in ("hf_checkpoint", "demos", "heldout", "output", "keep")
                    if getattr(args, flag) is None]
         if missing:
@@ -72,6 +84,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.rerender is not None:
         rerender(args.rerender)
+        return
+    if args.across is not None:
+        from megatron_easyep.analysis.across_models import aggregate_runs
+
+        print(aggregate_runs(args.across, args.output) / "table.md")
         return
     run_compare(CompareRun(
         hf_checkpoint=args.hf_checkpoint, demos=args.demos, heldout=args.heldout, output=args.output,
