@@ -86,6 +86,9 @@ def test_means_spreads_and_counts_by_hand(two_models):
     assert wins[("mixed", "easyep", "gate")] == 1
     assert wins[("mixed", "easyep", "random")] == 2
     assert across_models.best_counts(runs, "kl", 4, "mixed") == {"easyep": 1, "gate": 2, "random": 0}
+    # held-out a: model 1 selections a 0.1, b 0.7, mixed 0.2 -> a best; model 2 a 0.3, b 0.5, mixed 0.2
+    # -> mixed best. Held-out b: b best in both (0.3 < 0.4, 0.5; 0.1 < 0.2, 0.5)
+    assert across_models.protects_counts(runs, 4) == {"a": 1, "b": 2}
 
 
 def test_outputs_and_the_command_line(two_models, tmp_path):

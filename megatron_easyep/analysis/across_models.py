@@ -153,6 +153,22 @@ def best_counts(runs, metric: str, keep: int, setting: str) -> dict[str, int]:
     return counts
 
 
+def protects_counts(runs, keep: int, criterion: str = "easyep", metric: str = "ppl_change") -> dict[str, int]:
+    """Per domain d: in how many models the selection made on d gives d the smallest change of all
+    selections (each single domain, and mixed): selecting on a domain protects it best."""
+    first = runs[0]["summary"]
+    domains = first["domains"]
+    counts = {}
+    for d in (d for d in first["heldout_domains"] if d in domains):
+        counts[d] = 0
+        for run in runs:
+            vals = {sel: model_value(run["rows"], metric, criterion, keep, [(sel, d)]) for sel in [*domains, MIXED]}
+            if any(v is None for v in vals.values()):
+                continue
+            counts[d] += all(_at_least_as_good(vals[d], v, False) for v in vals.values())
+    return counts
+
+
 def _fmt(metric: str, row: dict) -> str:
     if metric == "ppl_change":
         return f"{100 * row['mean']:+.1f}% [{100 * row['min']:+.1f}, {100 * row['max']:+.1f}]"
@@ -213,6 +229,15 @@ def render(runs, agg: list[dict], wins: list[dict]) -> str:
                     own = dict(per_model_rows)[sel]
                     smallest = str(sum(all(own[i] <= v[i] for d, v in per_model_rows) for i in range(n))) + f"/{n}"
                 out.append(f"| {keep} | {sel} | " + " | ".join(cells) + f" | {smallest} |")
+        out.append("")
+        out += ["Read down a column instead: for each held-out domain, in how many models the selection "
+                "made on that domain gives it the smallest change of every selection (each single "
+                "domain, and mixed).", "",
+                "| M | " + " | ".join(d for d in eval_domains if d in domains) + " |",
+                "|---:|" + "---:|" * len([d for d in eval_domains if d in domains])]
+        for keep in sorted(keeps, reverse=True):
+            counts = protects_counts(runs, keep)
+            out.append(f"| {keep} | " + " | ".join(f"{counts[d]}/{n}" for d in counts) + " |")
         out.append("")
 
     label = {"kl": "KL(full ‖ pruned), nats/token (lower is better)",
