@@ -15,10 +15,12 @@ Compute modes:
   loader used to apply at load time, and the matmul is Megatron's own; results are bitwise those of
   the dequantise-at-load path. Extra memory: one weight matrix in the compute dtype.
 * `native`: DeepSeek's FP8 numerics with real FP8 GEMMs. Activations are quantised per token in
-  1 x bk groups (`quantize_activation_triton`, bit-exact with fp8_emulation.quantize_activation),
+  1 x bk groups (`quantize_activation_triton`, bit-exact with fp8_emulation.quantize_activation on
+  CPU under the interpreter and on an H200: bench/results/gpu_check_h200.json),
   and the product runs with fp32 accumulation through
-  - `torch._scaled_mm` in block-wise mode on sm_90 for 128 x 128 blocks (cuBLAS's block-scaled FP8
-    GEMM, the kernel Transformer Engine's Float8BlockScaling recipe calls), or
+  - `torch._scaled_mm` in block-wise mode on sm_90 for 128 x 128 blocks and K a multiple of 512
+    (cuBLAS's block-scaled FP8 GEMM, the kernel Transformer Engine's Float8BlockScaling recipe
+    calls), or
   - the Triton kernel below elsewhere on CUDA (FP8 tensor cores: sm_89+; older GPUs are refused
     with a pointer to `emulated`) and for block shapes cuBLAS does not take.
   We wrote the Triton kernel instead of importing torchao's or transformers' fine-grained FP8
