@@ -210,7 +210,7 @@ def render(runs, agg: list[dict], wins: list[dict]) -> str:
         out += ["## Pruning for one domain (easyep): perplexity change vs the full model", "",
                 "Rows: the domain the experts were selected on; columns: the held-out domain measured. "
                 "Bold: in-domain. Last column: in how many models the in-domain change is the "
-                "smallest of the row (selecting on a domain protects that domain best).", "",
+                "smallest of the row (the pruned model loses least on the domain it was pruned for).", "",
                 "| M | selected on | " + " | ".join(eval_domains) + " | in-domain smallest |",
                 "|---:|---|" + "---:|" * len(eval_domains) + "---:|"]
         for keep in sorted(keeps, reverse=True):
@@ -277,7 +277,8 @@ def render(runs, agg: list[dict], wins: list[dict]) -> str:
                 "| other criterion | " + " | ".join(f"M={k} {s}" for k in keeps for s in ("in", "out", "mixed")) + " |",
                 "|---|" + "---:|" * (3 * len(keeps))]
         for other in others:
-            cells = [f"{win.get(('kl', k, s, 'easyep', other), '—')}/{n}" for k in keeps for s in ("in", "out", "mixed")]
+            cells = [f"{win.get(('kl', k, s, 'easyep', other), '—')}/{n}"
+                     for k in keeps for s in ("in", "out", "mixed")]
             out.append(f"| {other} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
