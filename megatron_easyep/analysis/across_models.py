@@ -16,10 +16,9 @@ Settings (each a mean over (selection domain, evaluation domain) pairs of one mo
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from megatron_easyep.analysis.report import MIXED, STYLE, read_csv, write_csv
+from megatron_easyep.analysis.report import MIXED, STYLE, _index, _std, read_csv, write_csv
 
 AGGREGATE_FIELDS = ("metric", "criterion", "keep", "setting", "models", "mean", "min", "max", "std", "per_model")
 WIN_FIELDS = ("metric", "keep", "setting", "criterion", "other", "wins", "models")
@@ -30,14 +29,16 @@ class AcrossModelsError(ValueError):
 
 
 def load_runs(dirs) -> list[dict]:
-    """[{name, summary, rows}] for each finished comparison directory, checked to share a grid."""
+    """[{name, summary, rows, index}] for each finished comparison directory, checked to share a
+    grid; `index` is the rows keyed by (criterion, M, selection domain, evaluation domain)."""
     runs = []
     for d in map(Path, dirs):
         for f in ("summary.json", "results.csv"):
             if not (d / f).is_file():
                 raise AcrossModelsError(f"{d}: no {f} (not a finished `launch/compare.py` output)")
         summary = json.loads((d / "summary.json").read_text())
-        runs.append({"name": d.name, "summary": summary, "rows": read_csv(d / "results.csv")})
+        rows = read_csv(d / "results.csv")
+        runs.append({"name": d.name, "summary": summary, "rows": rows, "index": _index(rows)})
     if len(runs) < 2:
         raise AcrossModelsError("aggregating across models needs at least two comparison directories")
     first = runs[0]["summary"]
@@ -66,13 +67,13 @@ def setting_pairs(setting: str, domains, eval_domains) -> list[tuple[str, str]]:
     raise ValueError(f"unknown setting {setting!r}")
 
 
-def model_value(rows, metric: str, criterion: str, keep: int, pairs) -> float | None:
-    """One model's number for a cell: per pair the mean over selection seeds (random's several),
-    then the mean over pairs; `ppl_change` is ppl / full ppl - 1. None when a pair has no row."""
+def model_value(index, metric: str, criterion: str, keep: int, pairs) -> float | None:
+    """One model's number for a cell (`index`: a run's rows keyed as report._index keys them): per
+    pair the mean over selection seeds (random's several), then the mean over pairs; `ppl_change`
+    is ppl / full ppl - 1. None when a pair has no row."""
     per_pair = []
     for sel, ev in pairs:
-        vals = [r for r in rows if r["criterion"] == criterion and r["keep"] == keep
-                and r["selection_domain"] == sel and r["eval_domain"] == ev]
+        vals = index.get((criterion, keep, sel, ev))
         if not vals:
             return None
         if metric == "ppl_change":
@@ -83,9 +84,7 @@ def model_value(rows, metric: str, criterion: str, keep: int, pairs) -> float | 
 
 
 def _stats(values: list[float]) -> dict:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
-    return {"mean": mean, "min": min(values), "max": max(values), "std": std}
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "std": _std(values)}
 
 
 def aggregate(runs, metrics=("kl", "ppl_change", "top1"), settings=None) -> list[dict]:
@@ -99,7 +98,7 @@ def aggregate(runs, metrics=("kl", "ppl_change", "top1"), settings=None) -> list
             for keep in sorted(first["run"]["keeps"]):
                 for setting in settings:
                     pairs = setting_pairs(setting, domains, eval_domains)
-                    values = [model_value(run["rows"], metric, criterion, keep, pairs) for run in runs]
+                    values = [model_value(run["index"], metric, criterion, keep, pairs) for run in runs]
                     if any(v is None for v in values):
                         continue
                     out.append({"metric": metric, "criterion": criterion, "keep": keep, "setting": setting,
@@ -126,7 +125,7 @@ def win_counts(runs, metric: str = "kl", settings=("in", "out", "mixed")) -> lis
     for keep in sorted(first["run"]["keeps"]):
         for setting in settings:
             pairs = setting_pairs(setting, domains, eval_domains)
-            values = {c: [model_value(run["rows"], metric, c, keep, pairs) for run in runs] for c in criteria}
+            values = {c: [model_value(run["index"], metric, c, keep, pairs) for run in runs] for c in criteria}
             for a in criteria:
                 for b in criteria:
                     if a == b or any(v is None for v in values[a] + values[b]):
@@ -143,7 +142,7 @@ def best_counts(runs, metric: str, keep: int, setting: str) -> dict[str, int]:
     pairs = setting_pairs(setting, first["domains"], first["heldout_domains"])
     counts = {c: 0 for c in first["run"]["criteria"]}
     for run in runs:
-        vals = {c: model_value(run["rows"], metric, c, keep, pairs) for c in counts}
+        vals = {c: model_value(run["index"], metric, c, keep, pairs) for c in counts}
         vals = {c: v for c, v in vals.items() if v is not None}
         if not vals:
             continue
@@ -162,7 +161,7 @@ def protects_counts(runs, keep: int, criterion: str = "easyep", metric: str = "p
     for d in (d for d in first["heldout_domains"] if d in domains):
         counts[d] = 0
         for run in runs:
-            vals = {sel: model_value(run["rows"], metric, criterion, keep, [(sel, d)]) for sel in [*domains, MIXED]}
+            vals = {sel: model_value(run["index"], metric, criterion, keep, [(sel, d)]) for sel in [*domains, MIXED]}
             if any(v is None for v in vals.values()):
                 continue
             counts[d] += all(_at_least_as_good(vals[d], v, False) for v in vals.values())
@@ -217,7 +216,7 @@ def render(runs, agg: list[dict], wins: list[dict]) -> str:
             for sel in domains:
                 cells, per_model_rows = [], []
                 for d in eval_domains:
-                    vals = [model_value(run["rows"], "ppl_change", "easyep", keep, [(sel, d)]) for run in runs]
+                    vals = [model_value(run["index"], "ppl_change", "easyep", keep, [(sel, d)]) for run in runs]
                     if any(v is None for v in vals):
                         cells.append("—")
                         continue
