@@ -73,7 +73,7 @@ def worker(mode: str, ckpt_dir: str, out_path: str, num_seqs: int, seq_len: int)
     from megatron.core import parallel_state
 
     from megatron_easyep.mcore import model as model_lib
-    from megatron_easyep.mcore import parallel, patches
+    from megatron_easyep.mcore import compat, parallel
     from megatron_easyep.scoring.scorer import ExpertScorer
 
     torch.set_num_threads(1)
@@ -94,10 +94,10 @@ def worker(mode: str, ckpt_dir: str, out_path: str, num_seqs: int, seq_len: int)
             for d in shape:
                 numel *= d
             fp8_bytes += numel * (4 if scale else 1)
-    layers = [i for i, _ in patches.iter_moe_layers(model)]
+    layers = [i for i, _ in compat.iter_moe_layers(model)]
     scorer = ExpertScorer(layers, ckpt.config.n_routed_experts, ["all"],
                           ep_group=parallel_state.get_expert_model_parallel_group())
-    detach = patches.attach_moe_observers(model, scorer.observe)
+    detach = compat.attach_moe_observers(model, scorer.observe)
     gen = torch.Generator().manual_seed(layout.rank)
     seqs = [torch.randint(0, ckpt.config.vocab_size, (seq_len,), generator=gen).tolist() for _ in range(num_seqs + 1)]
     sampler.reset()

@@ -100,12 +100,12 @@ def _load(ckpt, dequantize_at_load=False, mode="none"):
 
 def _score(model, cfg, seqs, attach=True):
     from megatron_easyep.mcore import model as model_lib
-    from megatron_easyep.mcore import patches
+    from megatron_easyep.mcore import compat
     from megatron_easyep.scoring.scorer import ExpertScorer
 
-    layers = [i for i, _ in patches.iter_moe_layers(model)]
+    layers = [i for i, _ in compat.iter_moe_layers(model)]
     scorer = ExpertScorer(layers, cfg.n_routed_experts, ["all"], device="cuda")
-    detach = patches.attach_moe_observers(model, scorer.observe) if attach else (lambda: None)
+    detach = compat.attach_moe_observers(model, scorer.observe) if attach else (lambda: None)
     with torch.no_grad():
         for ids in seqs:
             scorer.begin_step(torch.zeros(len(ids), dtype=torch.long, device="cuda"))
@@ -286,9 +286,9 @@ def main(argv=None) -> None:
         return
     import triton
 
-    from megatron_easyep.mcore import patches
+    from megatron_easyep.mcore import compat
 
-    patches.apply_all()
+    compat.apply_runtime_patches()
     from megatron_easyep.mcore import parallel
 
     parallel.init_parallel(1, seed=0)

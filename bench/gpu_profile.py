@@ -106,9 +106,9 @@ def main(argv=None) -> None:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(result["error"])
         return
-    from megatron_easyep.mcore import parallel, patches
+    from megatron_easyep.mcore import compat, parallel
 
-    patches.apply_all()
+    compat.apply_runtime_patches()
     parallel.init_parallel(1, seed=0)
     result["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:

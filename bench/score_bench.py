@@ -7,7 +7,7 @@ Generates the `small` preset checkpoint (Moonlight-16B-A3B widths, 3 layers, 64 
 --layers overrides num_hidden_layers) into a temporary directory (or uses --checkpoint DIR), loads
 it into Megatron-Core exactly as `launch/score.py` does (world of 1, EP = 1), and times a "pass"
 = one forward per demonstration (batch 1, as run_scoring steps), with and without
-patches.attach_moe_observers(model, ExpertScorer.observe) + ExpertScorer.begin_step, as
+compat.attach_moe_observers(model, ExpertScorer.observe) + ExpertScorer.begin_step, as
 run_scoring wires them. Conditions alternate forward by forward (ABBA) so drift hits both; the
 table reports median seconds per pass and the ratio (on CPU also the process's CPU time, which
 other load on a shared machine does not inflate). Hook attach/detach is outside the timed region
@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from megatron_easyep.mcore import parallel # noqa: E402
-from megatron_easyep.mcore import patches
+from megatron_easyep.mcore import compat
 from megatron_easyep.mcore import model as model_lib # noqa: E402
 from megatron_easyep.scoring.scorer import ExpertScorer  # noqa: E402
 from megatron_easyep.checkpoint.tiny import make_tiny_checkpoint  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv=None):
             for _ in range(args.num_seqs)]
     position_ids = torch.arange(args.seq_len, device=device).unsqueeze(0)
     token_domain = torch.zeros(args.seq_len, dtype=torch.long, device=device)
-    moe_layers = [i for i, _ in patches.iter_moe_layers(model)]
+    moe_layers = [i for i, _ in compat.iter_moe_layers(model)]
     scorer = ExpertScorer(moe_layers, cfg.n_routed_experts, ["bench"],
                           ep_group=parallel_state.get_expert_model_parallel_group(), device=device)
 
@@ -101,9 +101,9 @@ def main(argv=None):
     def one_forward(ids, condition: str):
         detach = None
         if condition == "scoring":
-            detach = patches.attach_moe_observers(model, scorer.observe)
+            detach = compat.attach_moe_observers(model, scorer.observe)
         elif condition == "hooks only":  # the observation plumbing with a no-op observer
-            detach = patches.attach_moe_observers(model, lambda index, obs: None)
+            detach = compat.attach_moe_observers(model, lambda index, obs: None)
         try:
             _sync()
             t0, c0 = time.perf_counter(), time.process_time()

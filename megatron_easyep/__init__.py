@@ -4,7 +4,7 @@ checkpoints, on Megatron-Core.
 One subpackage per stage of the data flow; imports go one way only (tests/test_layout.py):
 
     checkpoint/  HF directory reading, FP8 block format, tiny checkpoints     (imports nothing here)
-    mcore/       the Megatron-Core model: config, build, name table, patches  -> checkpoint
+    mcore/       the Megatron-Core model: config, build, name table, compat/  -> checkpoint
     scoring/     demonstrations, hooks -> formula -> score file               -> mcore, checkpoint
     pruning/     selection, C-Prune, streaming export, serving preflight      -> mcore, checkpoint
     analysis/    evaluation, routing drift, the comparison grid               -> everything below

@@ -25,7 +25,7 @@ def _run(ckpt, ep: int, dispatcher: str, dequantize_at_load: bool, fp8_mode: str
     from megatron.core import parallel_state
 
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
-    from megatron_easyep.mcore import fp8_emulation, patches
+    from megatron_easyep.mcore import compat, fp8_emulation
     from megatron_easyep.mcore import model as model_lib
     from megatron_easyep.scoring.scorer import ExpertScorer
 
@@ -33,10 +33,10 @@ def _run(ckpt, ep: int, dispatcher: str, dequantize_at_load: bool, fp8_mode: str
     _, model = model_lib.load_megatron_model(ckpt, dtype=torch.float32, expert_parallel=ep,
                                              dispatcher=dispatcher, dequantize_at_load=dequantize_at_load)
     fp8 = fp8_emulation.configure_fp8(model, fp8_mode, cfg)
-    layers = [i for i, _ in patches.iter_moe_layers(model)]
+    layers = [i for i, _ in compat.iter_moe_layers(model)]
     scorer = ExpertScorer(layers, cfg.n_routed_experts, ["all"],
                           ep_group=parallel_state.get_expert_model_parallel_group())
-    detach = patches.attach_moe_observers(model, scorer.observe)
+    detach = compat.attach_moe_observers(model, scorer.observe)
     logits = []
     with torch.no_grad():
         for ids in _sequences(cfg.vocab_size):
@@ -47,7 +47,7 @@ def _run(ckpt, ep: int, dispatcher: str, dequantize_at_load: bool, fp8_mode: str
     out = {"logits": logits, "sums": scorer.sums.clone(), "tokens": scorer.tokens.clone(), "fp8": fp8}
     if dist.get_world_size() == 1:
         held = {}
-        for name, module in patches.fp8_resident_linears(model):
+        for name, module in compat.fp8_linears.fp8_resident_linears(model):
             if module.holds_fp8:
                 held[name] = {"codes": module.weight.detach().clone(),
                               "scale_inv": module.weight_scale_inv.clone(),

@@ -1,4 +1,4 @@
-"""FP8-resident weights (mcore/patches.py section 5, mcore/fp8_gemm.py): what the loaded model holds,
+"""FP8-resident weights (mcore/compat/fp8_linears.py, mcore/fp8_gemm.py): what the loaded model holds,
 and that computing from it changes nothing.
 
 Oracles: the dequantise-at-load path (a second computation path; logits and scores must be

@@ -2,7 +2,7 @@
 
 Where the two routers agree, and why the fixtures stay there:
   * group score: DeepSeek/transformers sum each group's top-2 choice scores; stock Megatron sums
-    the top (top_k // topk_group). megatron_patches installs the top-2 rule, so the
+    the top (top_k // topk_group). mcore.compat.routing installs the top-2 rule where it differs, so the
     `group_top1` checkpoint (top_k / topk_group = 4) matches too; see test_group_rule_*.
   * masked groups: DeepSeek's own modeling code (and transformers 4.x, vLLM's python router)
     fill unselected groups with 0.0; Megatron and transformers 5.23 with -inf. They pick the
@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_oracle import load_transformers_model
-from megatron_easyep.mcore import patches as megatron_patches
+from megatron_easyep.mcore.compat import routing as megatron_routing
 from megatron_easyep.checkpoint.reader import HFCheckpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,7 +218,7 @@ def _stock_megatron_route(choice, top_k, n_group, topk_group):
 
 def _ours(choice, top_k, n_group, topk_group):
     t, e = choice.shape
-    return megatron_patches.deepseek_group_limited_topk(choice, top_k, t, e, n_group, topk_group)[1]
+    return megatron_routing.deepseek_group_limited_topk(choice, top_k, t, e, n_group, topk_group)[1]
 
 
 def _same_sets(a, b):

@@ -356,7 +356,7 @@ def test_plan_command_missing_or_bad_config(tmp_path, capsys):
 SCORER_PEAK_WORKER = r"""
 import ctypes, json, sys
 import torch
-from megatron_easyep.mcore import patches
+from megatron_easyep.mcore import compat
 from megatron_easyep.scoring.scorer import ExpertScorer
 
 def status(key):
@@ -373,7 +373,7 @@ routing = torch.zeros(T, E, dtype=torch.bool).scatter_(1, top, True)
 probs = torch.where(routing, torch.rand(T, E, generator=gen) + 0.1, torch.zeros(T, E))
 local, token = routing.T.nonzero().unbind(1)  # rows grouped by expert, tokens in order
 rows = torch.randn(local.shape[0], H, generator=gen) * probs[token, local][:, None]
-obs = patches.MoEObservation(
+obs = compat.MoEObservation(
     residual=torch.randn(T, H, generator=gen), moe_input=torch.randn(T, H, generator=gen),
     routed_output=torch.randn(T, H, generator=gen), routing_map=routing, probs=probs, expert_rows=rows,
     row_probs=probs[token, local], tokens_per_local_expert=routing.sum(0), local_expert_ids=list(range(E)))

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_easyep.mcore.patches import deepseek_group_limited_topk
+from megatron_easyep.mcore.compat import attach_router_hook, deepseek_group_limited_topk, moe_routers
 
 REBALANCE_KEY = "rebalance_bias"
 DEFAULT_STEP = 1e-3
@@ -189,10 +189,10 @@ def _megatron_loads(model, routers: dict, demo_list) -> dict[int, torch.Tensor]:
     """Per layer: tokens Megatron's own routing map sends to each expert over the demonstrations."""
     loads = {layer: torch.zeros(r.weight.shape[0], dtype=torch.long) for layer, r in routers.items()}
 
-    def hook(module, args, output, layer):
-        loads[layer] += output[1].reshape(-1, loads[layer].numel()).long().sum(0).cpu()
+    def hook(x, probs, routing_map, layer):
+        loads[layer] += routing_map.reshape(-1, loads[layer].numel()).long().sum(0).cpu()
 
-    handles = [r.register_forward_hook(lambda m, a, o, layer=layer: hook(m, a, o, layer))
+    handles = [attach_router_hook(r, lambda x, p, m, layer=layer: hook(x, p, m, layer))
                for layer, r in routers.items()]
     try:
         _demo_forwards(model, demo_list)
@@ -207,12 +207,11 @@ def _router_inputs(model, router, demo_list) -> torch.Tensor:
     demo order."""
     rows = []
 
-    def hook(module, args, output):
-        x = args[0]
+    def hook(x, probs, routing_map):
         rows.append(x.reshape(-1, x.shape[-1]).float())
         raise _StopForward
 
-    handle = router.register_forward_hook(hook)
+    handle = attach_router_hook(router, hook)
     try:
         _demo_forwards(model, demo_list)
     finally:
@@ -235,7 +234,6 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
     from megatron_easyep.checkpoint.reader import HFCheckpoint, read_safetensors_header
     from megatron_easyep.mcore import model as model_lib
     from megatron_easyep.mcore import parallel
-    from megatron_easyep.mcore.patches import iter_moe_layers
 
     request = prepared.request
     ckpt_dir = Path(ckpt_dir)
@@ -248,7 +246,7 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
         raise RebalanceError(f"--rebalance-bias runs in one process; this one is rank {layout.rank} of "
                              f"{layout.world_size}")
     _, model = model_lib.load_megatron_model(ckpt_dir, dtype=dtype, logits=False)
-    routers = {layer: block.mlp.router for layer, block in iter_moe_layers(model)}
+    routers = moe_routers(model)
     disabled = {int(k): v for k, v in (pruning.get("disabled_experts") or {}).items()}
     kept = {int(k): v for k, v in pruning["kept_experts"].items()}
     demo_list = prepared.demo_list

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_easyep.mcore.patches import deepseek_group_limited_topk
+from megatron_easyep.mcore.compat import deepseek_group_limited_topk
 
 DRIFT_FORMAT = "megatron-easyep/routing-drift/1"
 DRIFT_FILE = "routing_drift.json"
@@ -234,22 +234,20 @@ def load_pruned_plan(src_ckpt, pruned_dir) -> PrunedPlan:
 def _observe_routers(model, plan: PrunedPlan, state: dict, sums: dict):
     """Forward hooks on every MoE layer's router: route its input (this rank's real tokens, the
     first state["tokens"] rows) both ways and add the drift sums to sums[hf_layer]."""
-    from megatron_easyep.mcore.patches import iter_moe_layers
+    from megatron_easyep.mcore import compat
 
     handles = []
-    for index, layer in iter_moe_layers(model):
-        router = layer.mlp.router
+    for index, router in compat.moe_routers(model).items():
         # replicated on every EP rank; read once, as the model holds them
         weight = router.weight.detach().float().clone()
         bias = router.expert_bias.detach().float().clone()
 
-        def hook(module, args, output, index=index, weight=weight, bias=bias):
+        def hook(x, probs, routing_map, index=index, weight=weight, bias=bias):
             n = state["tokens"]
             if n == 0:
                 return
-            x = args[0]
             x = x.reshape(-1, x.shape[-1])[:n]
-            routing_map = output[1].reshape(-1, weight.shape[0])[:n]
+            routing_map = routing_map.reshape(-1, weight.shape[0])[:n]
             got = layer_drift(x, weight, bias, plan.kept[index], plan.original, plan.pruned,
                               megatron_routing_map=routing_map,
                               disabled_ids=plan.disabled.get(index, ()),
@@ -258,7 +256,7 @@ def _observe_routers(model, plan: PrunedPlan, state: dict, sums: dict):
             for k, key in enumerate((*SUM_KEYS, "megatron_mismatch")):
                 row[k] += got[key]
 
-        handles.append(router.register_forward_hook(hook))
+        handles.append(compat.attach_router_hook(router, hook))
     return handles
 
 

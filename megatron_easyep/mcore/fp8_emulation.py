@@ -26,7 +26,7 @@ Usage (after the model is loaded)::
 For an FP8 checkpoint loaded in float32 the weight step changes nothing (the loaded values are
 already q * scale_inv, and re-quantising them gives the same codes and scales back); the returned
 state counts the elements it changed so a run can log that. ``resolve_fp8_mode`` decides between
-this path and Transformer Engine's.
+this path, real FP8 GEMMs (``native``) and Transformer Engine's.
 """
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ from megatron_easyep.checkpoint.fp8_blocks import (
     dequantize_fp8_blockwise,
     quantize_fp8_blockwise,
 )
+from megatron_easyep.mcore.compat import fp8_linears
 
 FP8_MODES = ("none", "auto", "emulated", "native", "te")
 
-# Linear modules that DeepSeek runs in FP8, by their attribute name in Megatron-Core's GPTModel.
-ATTENTION_LINEARS = frozenset({
-    "linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_qkv_down_proj",
-    "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj",
-})
-MLP_LINEARS = frozenset({"linear_fc1", "linear_fc2"})  # dense MLP, shared experts, routed experts
+# Linear modules that DeepSeek runs in FP8, by their attribute name in Megatron-Core's GPTModel
+# (the one list, shared with the FP8-resident swap).
+ATTENTION_LINEARS = frozenset(fp8_linears.FP8_ATTENTION_LINEARS)
+MLP_LINEARS = frozenset(fp8_linears.FP8_MLP_LINEARS)  # dense MLP, shared experts, routed experts
 
 
 class Fp8Unavailable(ValueError):
@@ -93,7 +92,17 @@ def transformer_engine_status() -> tuple[bool, str]:
     return True, f"Transformer Engine on {torch.cuda.get_device_name()} (sm{major}{minor})"
 
 
-def resolve_fp8_mode(requested: str | None, te_status: tuple[bool, str] | None = None) -> str:
+def native_fp8_status() -> str | None:
+    """Why real FP8 GEMMs cannot run on this machine's GPU (None when they can: CUDA with FP8
+    tensor cores, sm_89+, through torch._scaled_mm on sm_90 or the Triton kernel; mcore/fp8_gemm.py)."""
+    from megatron_easyep.mcore.fp8_gemm import native_unavailable_reason
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return native_unavailable_reason(device)
+
+
+def resolve_fp8_mode(requested: str | None, te_status: tuple[bool, str] | None = None, *,
+                     fp8_weights_resident: bool = True, native_status: str | None | bool = False) -> str:
     """--fp8 value -> the path to run: "none", "emulated", "native" or "te".
 
     none     -> "none" (FP8-resident weights dequantised per GEMM, or weights dequantised at load:
@@ -103,27 +112,27 @@ def resolve_fp8_mode(requested: str | None, te_status: tuple[bool, str] | None =
                 is visible; otherwise Fp8Unavailable naming --fp8 emulated.
     te       -> "te" when Transformer Engine and a Hopper GPU are usable; otherwise Fp8Unavailable
                 naming what is missing and pointing at --fp8 emulated.
-    auto     -> "te" when usable, else "emulated".
-    ``te_status`` is ``transformer_engine_status()`` unless given.
+    auto     -> "native" where it is supported (a CUDA GPU with FP8 tensor cores, and the
+                checkpoint's FP8 weights held FP8-resident: ``fp8_weights_resident``), otherwise
+                "emulated", the exact path. Transformer Engine is never picked automatically.
+    ``te_status`` is ``transformer_engine_status()`` and ``native_status`` (None = supported, else
+    the reason) is ``native_fp8_status()`` unless given.
     """
     mode = "none" if requested is None else str(requested).lower()
     if mode not in FP8_MODES:
         raise ValueError(f"--fp8 {requested!r}: choose one of {', '.join(FP8_MODES)}")
     if mode in ("none", "emulated"):
         return mode
-    if mode == "native":
-        from megatron_easyep.mcore.fp8_gemm import native_unavailable_reason
-
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        reason = native_unavailable_reason(device)
+    if mode in ("native", "auto"):
+        reason = native_fp8_status() if native_status is False else native_status
+        if mode == "auto":
+            return "native" if reason is None and fp8_weights_resident else "emulated"
         if reason:
             raise Fp8Unavailable(reason)
         return mode
     usable, reason = te_status if te_status is not None else transformer_engine_status()
     if usable:
         return "te"
-    if mode == "auto":
-        return "emulated"
     raise Fp8Unavailable(f"--fp8 te: no usable Transformer Engine FP8 path: {reason}. Install "
                          "transformer-engine[pytorch] on a Hopper GPU node, or use --fp8 emulated "
                          "(same DeepSeek FP8 numerics, emulated, any device)")
@@ -217,9 +226,7 @@ def fp8_linear_modules(model) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _is_fp8_resident(module) -> bool:
-    from megatron_easyep.mcore.patches import Fp8ResidentLinear
-
-    return isinstance(module, Fp8ResidentLinear) and module.holds_fp8
+    return fp8_linears.holds_fp8_weights(module)
 
 
 def _row_splits(name: str, module, weight: torch.Tensor) -> list[int]:
@@ -321,19 +328,15 @@ def enable_fp8_emulation(model, block_size=DEFAULT_BLOCK_SIZE, *, activation_gro
     if not modules:
         raise ValueError("no attention or MLP linear layers found: is this a Megatron GPTModel?")
 
-    def quantize_input(module, args, kwargs):
-        if args:
-            return (fake_quantize_activation(args[0], group),) + tuple(args[1:]), kwargs
-        if "input_" in kwargs:
-            return args, {**kwargs, "input_": fake_quantize_activation(kwargs["input_"], group)}
-        raise RuntimeError(f"FP8 emulation: {type(module).__name__} called without an input")
+    def quantize_input(x):
+        return fake_quantize_activation(x, group)
 
     state = Fp8EmulationState(block, group, [], 0, 0)
     for name, module in modules:
         if not _is_fp8_resident(module):  # FP8-resident weights are the checkpoint's codes already
             state.weight_elements_changed += _fake_quantize_module_weight(name, module, block, hf_config)
         state.weight_elements += module.weight.numel()
-        state.handles.append(module.register_forward_pre_hook(quantize_input, with_kwargs=True))
+        state.handles.append(fp8_linears.register_linear_input_hook(module, quantize_input))
         state.modules.append(name)
     state.model = model
     model._easyep_fp8_emulation = state
@@ -348,9 +351,7 @@ def configure_fp8(model, mode: str, hf_config) -> dict:
     native   FP8-resident linears run real block-scaled FP8 GEMMs (needs an FP8 checkpoint held
              FP8-resident, i.e. not --dequantize-at-load).
     """
-    from megatron_easyep.mcore.patches import fp8_resident_linears
-
-    resident = [(n, m) for n, m in fp8_resident_linears(model) if m.holds_fp8]
+    resident = [(n, m) for n, m in fp8_linears.fp8_resident_linears(model) if m.holds_fp8]
     weights = "fp8-resident" if resident else "high-precision"
     if mode == "native":
         if not resident:

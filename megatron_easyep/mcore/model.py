@@ -10,7 +10,8 @@ import torch
 
 from megatron_easyep.checkpoint.fp8_blocks import DEFAULT_BLOCK_SIZE, scale_shape
 from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config, HFCheckpoint, scale_inv_name
-from megatron_easyep.mcore import mapping, patches
+from megatron_easyep.mcore import mapping
+from megatron_easyep.mcore.compat.fp8_linears import fp8_resident_linears
 from megatron_easyep.mcore.fp8_gemm import Fp8Layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,35 +132,26 @@ def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.floa
 
 def build_model(cfg: DeepseekV3Config, tcfg, *, fp8_resident: bool = False,
                 logits: bool = True):
-    """GPTModel with Megatron-Core's local layer spec (MLA adapted in mcore.patches). With
+    """GPTModel with Megatron-Core's local layer spec (MLA adapted in mcore/compat). With
     `fp8_resident`, every attention / MLP / expert linear holds FP8 codes + block scales instead of
-    a high-precision weight (patches.fp8_resident_layer_spec; filled by load_weights).
+    a high-precision weight (compat/fp8_linears.py; filled by load_weights).
     Under pipeline parallelism this builds this rank's stage (parallel_state must be initialised):
     its decoder layers, the embedding on the first stage, the final norm + output layer on the
     last. `logits=False` builds no final norm and no output layer at all (scoring: the model
     returns hidden states)."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    patches.apply_all()
-    block_spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False,
-                                            normalization="RMSNorm")
-    for layer_spec in block_spec.layer_specs:
-        patches.adapt_local_layer_spec(layer_spec, tcfg)
-    if fp8_resident:
-        block_spec.layer_specs = [patches.fp8_resident_layer_spec(s) for s in block_spec.layer_specs]
-    model = GPTModel(
-        config=tcfg,
-        transformer_layer_spec=block_spec,
+    from megatron_easyep.mcore.compat import gpt
+
+    model = gpt.build_gpt_model(
+        tcfg,
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=logits and parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
-        parallel_output=True,  # TP = 1: nothing to gather
+        fp8_resident=fp8_resident,
     )
     if torch.cuda.is_available():
         model = model.cuda()
@@ -252,7 +244,7 @@ def load_weights(model, ckpt: HFCheckpoint, *, ep_rank: int = 0, expert_parallel
     `layer_offset` is the global id of the stage's first decoder layer (pipeline parallelism)."""
     experts_per_rank = ckpt.config.n_routed_experts // expert_parallel
     state = model.state_dict(keep_vars=True)
-    fp8_resident = {f"{n}.weight": m for n, m in patches.fp8_resident_linears(model)}
+    fp8_resident = {f"{n}.weight": m for n, m in fp8_resident_linears(model)}
     for name, target in state.items():
         try:
             source = mapping.hf_source(name, experts_per_rank=experts_per_rank, ep_rank=ep_rank,

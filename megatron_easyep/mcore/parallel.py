@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_easyep.mcore import patches
+from megatron_easyep.mcore import compat
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234, pipeline_parallel:
     (decoder layers per stage, pipeline.stage_layer_counts) is recorded in the layout."""
     from megatron.core import parallel_state
 
-    patches.apply_all()
+    compat.apply_runtime_patches()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -95,7 +95,7 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234, pipeline_parallel:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=1, pipeline_model_parallel_size=pipeline_parallel,
             expert_model_parallel_size=expert_parallel)
-    patches.seed_model_parallel_rng(seed)
+    compat.seed_model_parallel_rng(seed)
     return Layout(
         world_size=world,
         rank=dist.get_rank(),

@@ -5,11 +5,8 @@ on the last, and only when logits are wanted), holding a contiguous run of decod
 live inside a stage (Megatron's default rank order tp-cp-ep-dp-pp). Stage sizes go to Megatron as
 its own `pipeline_model_parallel_layout`, so Megatron computes the layer offsets.
 
-The loop is a plain forward-only schedule over Megatron-Core's P2PCommunicator: receive the hidden
-states of micro-batch m from the previous stage, run this stage, send them on. Megatron's built-in
-schedule is not used because it hard-codes device="cuda" (this loop runs on CPU/gloo and GPU/NCCL
-alike). Stages overlap across micro-batches: stage 0 computes micro-batch m+1 while stage 1
-computes m.
+The forward-only schedule over Megatron-Core's P2PCommunicator lives in
+mcore/compat/pipeline_schedule.py (Megatron's built-in schedules hard-code device="cuda").
 """
 
 from __future__ import annotations
@@ -93,23 +90,9 @@ def forward_micro_batches(model, micro_batches, before_each=None) -> list:
             outputs.append(model(input_ids, position_ids, None))
         return outputs
 
-    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron_easyep.mcore.compat import pipeline_schedule
 
-    first = parallel_state.is_pipeline_first_stage()
-    last = parallel_state.is_pipeline_last_stage()
-    comm = P2PCommunicator(parallel_state.get_pipeline_model_parallel_group(), model.config)
-    hidden = model.config.hidden_size
-    outputs = []
-    for m, (input_ids, position_ids) in enumerate(micro_batches):
-        batch, seq = input_ids.shape
-        received = comm.recv_forward((seq, batch, hidden), is_first_stage=first)
-        model.set_input_tensor(received)
-        if before_each is not None:
-            before_each(m)
-        out = model(input_ids, position_ids, None)
-        comm.send_forward(out, is_last_stage=last)
-        outputs.append(out if last else None)
-    return outputs
+    return pipeline_schedule.forward_pipelined(model, micro_batches, before_each)
 
 
 def padded_batch(sequences: list[list[int]], length: int, batch: int | None = None,

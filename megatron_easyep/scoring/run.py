@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_easyep.mcore import patches
+from megatron_easyep.mcore import compat
 from megatron_easyep.scoring import demos as demos_lib
 from megatron_easyep.scoring import metrics
 from megatron_easyep.scoring.scorer import ExpertScorer, cprune_expert_features
@@ -105,9 +105,8 @@ def run_scoring(run: ScoreRun) -> Path | None:
     from megatron_easyep.mcore import fp8_emulation
     from megatron_easyep.scoring import telemetry
 
-    fp8_mode = fp8_emulation.resolve_fp8_mode(run.fp8)  # a clear error before any compute
-    if fp8_mode == "te" and run.fp8 == "auto":
-        fp8_mode = "emulated"
+    fp8_mode = fp8_emulation.resolve_fp8_mode(  # a clear error before any compute
+        run.fp8, fp8_weights_resident=cfg.is_fp8 and not run.dequantize_at_load)
     if fp8_mode == "te":
         raise fp8_emulation.Fp8Unavailable(
             "--fp8 te: Transformer Engine is usable here, but megatron-easyep builds Megatron's "
@@ -165,7 +164,7 @@ def run_scoring(run: ScoreRun) -> Path | None:
     scorer = ExpertScorer(moe_layers, cfg.n_routed_experts, domains,
                           ep_group=parallel_state.get_expert_model_parallel_group(), device=device,
                           pool_inputs=run.cprune_features, count_tokens=layout.first_stage)
-    detach = patches.attach_moe_observers(model, scorer.observe)
+    detach = compat.attach_moe_observers(model, scorer.observe)
 
     replicas = [demos_lib.shard_for_rank(demo_list, r, layout.data_parallel)
                 for r in range(layout.data_parallel)]

@@ -1,6 +1,6 @@
 """The expert scorer: per-token quantities from the MoE hooks -> metrics -> per-rank sums.
 
-Each MoE layer, on each rank, after its routed output is combined (mcore.patches hook points):
+Each MoE layer, on each rank, after its routed output is combined (mcore/compat/hooks.py):
   * s_t for this rank's tokens from the residual h and the routed output (h~ = h + routed);
   * s_t, the token's domain and the routing map are all-gathered over the expert-parallel group,
     so the rank can tell which token each of its expert rows belongs to: the dispatcher lays out
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_easyep.mcore import patches
+from megatron_easyep.mcore import compat
 from megatron_easyep.scoring import metrics
 
 
@@ -46,6 +46,11 @@ class ExpertScorer:
         self.token_domain: torch.Tensor | None = None  # [T] domain index, -1 = padding
         self._local_id_cache: dict = {}
         self._top_k: int | None = None
+        # per layer row: forwards whose expert rows did not match the routing map (checked on the
+        # host at once on CPU; on GPU accumulated on the device and checked once, in
+        # check_row_layout, so the hot path has no host sync)
+        self.layout_mismatches = torch.zeros(len(moe_layer_indices), dtype=torch.int64,
+                                             device=device)
 
     def begin_step(self, token_domain: torch.Tensor, demo_index: int | None = None) -> None:
         self.token_domain = token_domain
@@ -54,7 +59,7 @@ class ExpertScorer:
             counts = torch.bincount(token_domain + 1, minlength=len(self.domains) + 1)  # 0 = padding
             self.tokens += counts[1:].to(self.tokens)
 
-    def observe(self, layer_index: int, obs: patches.MoEObservation) -> None:
+    def observe(self, layer_index: int, obs: compat.MoEObservation) -> None:
         if self.pool_inputs and self.demo_index is not None:
             valid = self.token_domain >= 0
             pooled = self.pooled_inputs.setdefault(
@@ -86,13 +91,15 @@ class ExpertScorer:
         token_of = torch.arange(ids_group.shape[0], device=packed.device)[:, None].expand_as(ids_group)
         routed_here[(ids_group - first)[mine], token_of[mine]] = True
         # Rows are grouped by local expert, tokens in EP-group order: exactly the order of
-        # routed_here.nonzero(). nonzero_static with the known row count avoids a GPU sync;
-        # on CPU we also check the count (free there).
-        if not rows.is_cuda and int(routed_here.sum()) != rows.shape[0]:
-            raise RuntimeError(
-                f"layer {layer_index}: {rows.shape[0]} expert rows but the routing map routes "
-                f"{int(routed_here.sum())} tokens to this rank's experts; the dispatcher's row "
-                "layout is not what megatron_easyep.scoring.scorer assumes")
+        # routed_here.nonzero(). nonzero_static with the known row count avoids a GPU sync; the
+        # count itself is checked on every device (at once on CPU, where it is free; on GPU the
+        # mismatch is counted on the device and check_row_layout raises before any result).
+        routed_count = routed_here.sum()
+        if rows.is_cuda:
+            self.layout_mismatches[self.layer_row[layer_index]] += routed_count != rows.shape[0]
+        elif int(routed_count) != rows.shape[0]:
+            raise RuntimeError(self._layout_message(layer_index, f"{rows.shape[0]} expert rows but the "
+                                                    f"routing map routes {int(routed_count)} tokens"))
         local_expert, token = torch.nonzero_static(routed_here, size=rows.shape[0]).unbind(1)
         gate = obs.row_probs.float()
         out_norm = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)  # no fp32 copy of rows
@@ -107,6 +114,21 @@ class ExpertScorer:
         for m, name in enumerate(metrics.METRICS):
             self.sums[:, m, row] += sums[name][:num_bins].view(len(self.domains),
                                                                self.num_experts)
+
+    @staticmethod
+    def _layout_message(layer_index: int, what: str) -> str:
+        return (f"layer {layer_index}: {what} to this rank's experts; the dispatcher's row layout is "
+                "not what megatron_easyep.scoring.scorer assumes")
+
+    def check_row_layout(self) -> None:
+        """Raise if any forward's expert rows did not match its routing map (one host sync; CPU
+        forwards were checked as they ran)."""
+        bad = self.layout_mismatches.nonzero().flatten().tolist()
+        if bad:
+            layer = {row: layer for layer, row in self.layer_row.items()}[bad[0]]
+            count = int(self.layout_mismatches[bad[0]])
+            raise RuntimeError(self._layout_message(layer, f"in {count} forward(s) the expert row count "
+                                                    "differed from the tokens the routing map routes"))
 
     def _top_k_of(self, routing_map: torch.Tensor) -> int:
         """Experts per token (constant: dropless top-k routing), read once from the first map."""
@@ -124,8 +146,11 @@ class ExpertScorer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.sums)
             dist.all_reduce(self.tokens)
+            dist.all_reduce(self.layout_mismatches)  # every rank then raises the same error
+        self.check_row_layout()
 
     def state_dict(self) -> dict:
+        self.check_row_layout()  # a snapshot never holds misattributed rows
         return {"sums": self.sums.cpu(), "tokens": self.tokens.cpu(),
                 "pooled_inputs": dict(self.pooled_inputs)}
 
@@ -160,8 +185,8 @@ def cprune_expert_features(model, scorer: ExpertScorer, num_demos: int) -> dict 
     pooled = torch.stack([by_demo[i] for i in range(num_demos)], dim=1)  # [L, N, H]
     ep_group = parallel_state.get_expert_model_parallel_group()
     features = []
-    for row, (_, layer) in enumerate(patches.iter_moe_layers(model)):
-        experts = patches.local_experts(layer.mlp)
+    for row, (_, layer) in enumerate(compat.iter_moe_layers(model)):
+        experts = compat.local_experts(layer.mlp)
         param = next(experts[0].parameters())  # its device; the dtype is the config's (weights may be FP8)
         x = pooled[row].to(device=param.device, dtype=layer.mlp.config.params_dtype)
         local = torch.stack([expert(x)[0].float() for expert in experts])  # [E_local, N, H]

@@ -48,7 +48,7 @@ import torch
 
 from megatron_easyep.training import corpus as corpus_lib
 from megatron_easyep.mcore import to_hf
-from megatron_easyep.mcore import patches
+from megatron_easyep.mcore import compat
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
 from megatron_easyep.checkpoint.tiny import move_into_place, build_config
 
@@ -158,32 +158,20 @@ def build_training_model(cfg: DeepseekV3Config, *, seed: int, seq_aux_loss_coeff
         tcfg, perform_initialization=True,
         moe_router_load_balancing_type="seq_aux_loss" if seq_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=seq_aux_loss_coeff)
-    patches.seed_model_parallel_rng(seed)
+    compat.seed_model_parallel_rng(seed)
     model = build_model(cfg, tcfg)
     return model.train()
 
 
 def routers(model) -> list:
-    return [layer.mlp.router for _, layer in patches.iter_moe_layers(model)]
+    return list(compat.moe_routers(model).values())
 
 
 @torch.no_grad()
 def update_expert_bias(model, rate: float) -> None:
     """Aux-loss-free balancing, as Megatron's finalize_model_grads: bias += rate * sign(mean load -
     load) from the counts gathered since the last update; then reset the counts."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
-
-    rs = [r for r in routers(model) if r.expert_bias is not None]
-    if not rs:
-        return
-    counts = torch.stack([r.local_tokens_per_expert for r in rs])
-    biases = torch.stack([r.expert_bias for r in rs])
-    group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
-    updated = get_updated_expert_bias(counts, biases, rate, tp_dp_cp_group=group)
-    for router, bias in zip(rs, updated):
-        router.expert_bias.copy_(bias)
-        router.local_tokens_per_expert.zero_()
+    compat.update_expert_bias(routers(model), rate)
 
 
 def train_step(model, optimizer, inputs, labels, position_ids, *, clip_grad: float,
@@ -216,7 +204,7 @@ def shift_expert_bias_nonnegative(model) -> dict[str, float]:
     experts as those that mask with -inf (Megatron, transformers 5) -- with a negative choice
     score a masked expert's 0.0 could win. Returns {router name: shift}."""
     shifts = {}
-    for index, layer in patches.iter_moe_layers(model):
+    for index, layer in compat.iter_moe_layers(model):
         bias = layer.mlp.router.expert_bias
         low = float(bias.min())
         if low < 0:
@@ -325,7 +313,7 @@ def evaluate(model, demos: dict[str, list[list[int]]], *, batch_size: int = 16,
     was_training = model.training
     model.eval()
     stats = RoutingStats() if routing else None
-    detach = patches.attach_moe_observers(model, stats.observe) if routing else None
+    detach = compat.attach_moe_observers(model, stats.observe) if routing else None
     device = next(model.parameters()).device
     results = {}
     try:
@@ -415,9 +403,7 @@ def eager_megatron():
     TopKRouter._apply_expert_bias) run eagerly. On CPU, Inductor compiles them with the C++
     compiler on first use and again when shapes change: ~10 s per process for a few tiny
     element-wise functions. Numerics are unchanged (they are eager PyTorch ops either way)."""
-    import torch._dynamo
-
-    return torch._dynamo.config.patch(disable=True)
+    return compat.eager_fusions()
 
 
 def run_training(tc: TrainConfig) -> dict:
