@@ -42,7 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--fp8", choices=["none", "auto", "emulated", "native", "te"],
                         help="FP8 calibration forward: emulated = DeepSeek's FP8 numerics (e4m3, "
                              "128x128 weight blocks, 1x128 dynamic activation groups) on any device; "
-                             "native = the same numerics with real FP8 GEMMs (CUDA, FP8 checkpoint)")
+                             "native = the same numerics with real FP8 GEMMs (CUDA, FP8 checkpoint); "
+                             "auto = native where supported (FP8 tensor cores, FP8-resident weights), "
+                             "else emulated")
     parser.add_argument("--dequantize-at-load", action="store_true",
                         help="FP8 checkpoints: dequantise every FP8 weight at load instead of holding "
                              "the FP8 bytes (twice the weight memory; for comparison)")

@@ -131,11 +131,13 @@ def test_resolve_fp8_mode_on_this_machine():
     assert fe.resolve_fp8_mode("none") == "none"
     assert fe.resolve_fp8_mode(None) == "none"
     assert fe.resolve_fp8_mode("emulated") == "emulated"
+    native = fe.native_fp8_status() is None  # a CUDA GPU with FP8 tensor cores
+    assert fe.resolve_fp8_mode("auto") == ("native" if native else "emulated")
+    assert fe.resolve_fp8_mode("auto", fp8_weights_resident=False) == "emulated"
     if usable:  # a Hopper GPU with Transformer Engine
-        assert fe.resolve_fp8_mode("te") == "te" and fe.resolve_fp8_mode("auto") == "te"
+        assert fe.resolve_fp8_mode("te") == "te"
         return
     assert reason
-    assert fe.resolve_fp8_mode("auto") == "emulated"
     with pytest.raises(fe.Fp8Unavailable, match="--fp8 emulated") as info:
         fe.resolve_fp8_mode("te")
     assert reason in str(info.value)
@@ -145,13 +147,26 @@ def test_resolve_fp8_mode_on_this_machine():
 def test_resolve_fp8_mode_decisions_given_a_te_status():
     ok, missing = (True, "TE on H800 (sm90)"), (False, "no CUDA GPU is visible")
     assert fe.resolve_fp8_mode("te", ok) == "te"
-    assert fe.resolve_fp8_mode("auto", ok) == "te"
-    assert fe.resolve_fp8_mode("AUTO", missing) == "emulated"
+    assert fe.resolve_fp8_mode("emulated", ok) == "emulated"
     assert fe.resolve_fp8_mode("emulated", ok) == "emulated"  # explicit request wins
     with pytest.raises(fe.Fp8Unavailable, match="no CUDA GPU is visible"):
         fe.resolve_fp8_mode("te", missing)
     with pytest.raises(ValueError, match="choose one of none, auto, emulated, native, te"):
         fe.resolve_fp8_mode("fp8", ok)
+
+
+def test_auto_is_native_where_supported_otherwise_the_exact_path():
+    """--fp8 auto: real FP8 GEMMs when the GPU has FP8 tensor cores and the checkpoint's FP8 weights
+    are held FP8-resident; otherwise emulation (never Transformer Engine, which the local spec
+    cannot use)."""
+    te_ok = (True, "TE on H800 (sm90)")
+    no_gpu = "--fp8 native runs real FP8 GEMMs and needs a CUDA GPU"
+    assert fe.resolve_fp8_mode("auto", te_ok, native_status=None) == "native"
+    assert fe.resolve_fp8_mode("AUTO", native_status=None, fp8_weights_resident=False) == "emulated"
+    assert fe.resolve_fp8_mode("auto", te_ok, native_status=no_gpu) == "emulated"
+    assert fe.resolve_fp8_mode("native", native_status=None) == "native"
+    with pytest.raises(fe.Fp8Unavailable, match="needs a CUDA GPU"):
+        fe.resolve_fp8_mode("native", native_status=no_gpu)
 
 
 # --------------------------------------------------------------------------------------------

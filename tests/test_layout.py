@@ -105,3 +105,89 @@ def test_checker_catches_upward_and_sideways_imports():
     assert side == {"megatron_easyep.pruning.export"}
     assert _violations("megatron_easyep.scoring.run", side)
     assert not _violations("megatron_easyep.analysis.compare", side)
+
+
+# --------------------------------------------------------------------------------------------
+# The Megatron boundary: only mcore/compat/ knows Megatron-Core internals
+# --------------------------------------------------------------------------------------------
+
+COMPAT = PACKAGE / "mcore" / "compat"
+
+
+def _is_megatron(module: str | None) -> bool:
+    return bool(module) and (module == "megatron" or module.startswith("megatron."))
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _megatron_internals(source: str) -> list[str]:
+    """Private Megatron names imported, `._private` attributes read off Megatron names, and
+    assignments (or setattr/delattr) onto Megatron modules, classes or their attributes."""
+    tree = ast.parse(source)
+    bound: set[str] = set()  # local names bound to Megatron modules/classes/functions
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if _is_megatron(a.name):
+                    if any(_private(p) for p in a.name.split(".")):
+                        bad.append(f"line {node.lineno}: import {a.name} (private module)")
+                    bound.add((a.asname or a.name).split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and _is_megatron(node.module):
+            if any(_private(p) for p in node.module.split(".")):
+                bad.append(f"line {node.lineno}: from {node.module} import ... (private module)")
+            for a in node.names:
+                if _private(a.name):
+                    bad.append(f"line {node.lineno}: from {node.module} import {a.name} (private name)")
+                bound.add(a.asname or a.name)
+
+    def rooted(expr) -> str | None:
+        while isinstance(expr, (ast.Attribute, ast.Subscript)):
+            expr = expr.value
+        return expr.id if isinstance(expr, ast.Name) and expr.id in bound else None
+
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+        for target in targets:
+            if isinstance(target, (ast.Attribute, ast.Subscript)) and rooted(target):
+                bad.append(f"line {node.lineno}: assignment onto {ast.unparse(target)} (monkey-patching Megatron)")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr")
+                and node.args and rooted(node.args[0])):
+            bad.append(f"line {node.lineno}: {node.func.id}({ast.unparse(node.args[0])}, ...) (monkey-patching Megatron)")
+        if isinstance(node, ast.Attribute) and _private(node.attr) and rooted(node.value):
+            bad.append(f"line {node.lineno}: {ast.unparse(node)} (private Megatron attribute)")
+    return bad
+
+
+def test_only_compat_touches_megatron_internals():
+    """The package, its launchers and benches (tests may break Megatron on purpose)."""
+    bad = []
+    roots = [PACKAGE, PACKAGE.parent / "launch", PACKAGE.parent / "bench"]
+    for path in sorted(p for root in roots if root.is_dir() for p in root.rglob("*.py")):
+        if COMPAT in path.parents:
+            continue
+        bad += [f"{path.relative_to(PACKAGE.parent)}: {line}" for line in _megatron_internals(path.read_text())]
+    assert not bad, "only megatron_easyep/mcore/compat/ may touch Megatron-Core internals:\n" + "\n".join(bad)
+
+
+def test_megatron_internals_checker_can_fail():
+    """Each kind the boundary check looks for, in a snippet, is caught; public use is not."""
+    assert _megatron_internals("from megatron.core.parallel_state import get_data_parallel_group\n"
+                               "from megatron.core import parallel_state\n"
+                               "parallel_state.get_data_parallel_group()\n") == []
+    cases = {
+        "from megatron.core.transformer.moe.moe_utils import _private_helper\n": "private name",
+        "from megatron.core._rank_utils import log_single_rank\n": "private module",
+        "from megatron.core.transformer.moe import moe_utils\nmoe_utils.group_limited_topk = f\n": "monkey-patching",
+        "from megatron.core.tensor_parallel import mappings\nx = mappings._AllToAll\n": "private Megatron attribute",
+        "import megatron.core.tensor_parallel.mappings as m\nsetattr(m._AllToAll, 'forward', f)\n": "monkey-patching",
+        "from megatron.core.transformer.moe.router import TopKRouter\nTopKRouter.forward = f\n": "monkey-patching",
+        "def g():\n    from megatron.core.models.gpt import gpt_model\n    del gpt_model.logger\n": "monkey-patching",
+    }
+    for source, kind in cases.items():
+        found = _megatron_internals(source)
+        assert found and any(kind in line for line in found), (source, found)

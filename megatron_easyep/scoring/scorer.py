@@ -51,6 +51,7 @@ class ExpertScorer:
         # check_row_layout, so the hot path has no host sync)
         self.layout_mismatches = torch.zeros(len(moe_layer_indices), dtype=torch.int64,
                                              device=device)
+        self.defer_layout_check = torch.device(device).type == "cuda"
 
     def begin_step(self, token_domain: torch.Tensor, demo_index: int | None = None) -> None:
         self.token_domain = token_domain
@@ -95,7 +96,7 @@ class ExpertScorer:
         # count itself is checked on every device (at once on CPU, where it is free; on GPU the
         # mismatch is counted on the device and check_row_layout raises before any result).
         routed_count = routed_here.sum()
-        if rows.is_cuda:
+        if rows.is_cuda or self.defer_layout_check:
             self.layout_mismatches[self.layer_row[layer_index]] += routed_count != rows.shape[0]
         elif int(routed_count) != rows.shape[0]:
             raise RuntimeError(self._layout_message(layer_index, f"{rows.shape[0]} expert rows but the "
