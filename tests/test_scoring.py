@@ -275,6 +275,50 @@ def _expected_names():
     return {m for m in METRIC_NAMES} | {f"{m}@{d}" for m in METRIC_NAMES for d in DOMAINS}
 
 
+def _layout_case(drop_row: bool):
+    """One MoE layer's observation on one rank (EP 1): 6 tokens, 4 experts, top-2; the rows laid
+    out as the dispatcher does (grouped by expert, tokens in order), one row missing if asked."""
+    from megatron_easyep.mcore.compat import MoEObservation
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, experts, hidden = 6, 4, 8
+    top = torch.randn(tokens, experts, generator=gen).topk(2, dim=-1).indices
+    routing = torch.zeros(tokens, experts, dtype=torch.bool).scatter_(1, top, True)
+    probs = torch.where(routing, torch.rand(tokens, experts, generator=gen) + 0.1, torch.zeros(()))
+    local, token = routing.T.nonzero().unbind(1)
+    rows = torch.randn(local.shape[0], hidden, generator=gen)
+    row_probs = probs[token, local]
+    if drop_row:
+        rows, row_probs = rows[1:], row_probs[1:]
+    return MoEObservation(
+        residual=torch.randn(tokens, hidden, generator=gen), moe_input=torch.randn(tokens, hidden, generator=gen),
+        routed_output=torch.randn(tokens, hidden, generator=gen), routing_map=routing, probs=probs,
+        expert_rows=rows, row_probs=row_probs, tokens_per_local_expert=routing.sum(0),
+        local_expert_ids=list(range(experts)))
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_row_layout_check_runs_on_every_device(deferred):
+    """The dispatcher row-layout check: at once on CPU; deferred (no host sync per forward, as on
+    GPU) it raises before any result leaves the scorer, naming the layer."""
+    from megatron_easyep.scoring.scorer import ExpertScorer
+
+    scorer = ExpertScorer([3], 4, ["all"])
+    scorer.defer_layout_check = deferred
+    scorer.begin_step(torch.zeros(6, dtype=torch.long))
+    scorer.observe(3, _layout_case(drop_row=False))
+    scorer.all_reduce()  # a consistent layout passes
+    if not deferred:
+        with pytest.raises(RuntimeError, match="layer 3: 11 expert rows but the routing map routes 12"):
+            scorer.observe(3, _layout_case(drop_row=True))
+        return
+    scorer.observe(3, _layout_case(drop_row=True))
+    with pytest.raises(RuntimeError, match="layer 3: in 1 forward.*row layout is not what"):
+        scorer.state_dict()
+    with pytest.raises(RuntimeError, match="layer 3: in 1 forward"):
+        scorer.all_reduce()
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Megatron scores == transformers scores
 # --------------------------------------------------------------------------------------------
