@@ -213,6 +213,11 @@ ASSUMPTIONS = (
      "(training, compat/routing.py)",
      _expect_params(lambda: _moe_utils().get_updated_expert_bias,
                     ("tokens_per_expert", "expert_bias", "expert_bias_update_rate"), prefix=True)),
+    ("gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine, normalization, ...) "
+     "builds the local spec (compat/gpt.py)",
+     _expect_params(lambda: __import__("megatron.core.models.gpt.gpt_layer_specs", fromlist=["x"])
+                    .get_gpt_decoder_block_spec, ("config", "use_transformer_engine", "normalization"),
+                    prefix=True)),
     ("GPTModel's deprecation banner is logged by logger 'megatron.core.models.gpt.gpt_model' "
      "(compat/gpt.py filters it)", _gpt_logger),
 )
@@ -266,6 +271,13 @@ def check_local_attention_spec(attention_spec) -> None:
     if missing:
         raise _fail("MLA's submodules have core_attention, q_layernorm, kv_layernorm, linear_q_proj",
                     f"missing {missing}")
+    column, _ = _linears()
+    for name in ("linear_q_down_proj", "linear_kv_down_proj"):
+        value = getattr(attention_spec.submodules, name, None)
+        if value is not column:
+            raise _fail(f"the local spec builds MLA's {name} as exactly ColumnParallelLinear (the class "
+                        "MLA's exact-class check accepts and compat/mla.py turns FP8-resident by a "
+                        "__class__ swap)", f"it is {getattr(value, '__name__', value)!r}")
 
 
 def check_fp8_resident_model(model) -> None:
