@@ -210,7 +210,7 @@ def test_score_cli_escape_hatch_flag(fp8_ckpt, demos, tmp_path):
 
 def _write_scores_for(ckpt: Path, out: Path) -> None:
     """A score file as an older scoring run of `ckpt` wrote it (config_hash only)."""
-    from megatron_easyep.pruning.selection import write_score_file
+    from megatron_easyep.checkpoint.io import write_score_file
 
     config = DeepseekV3Config.load(ckpt)
     layers = config.moe_layer_ids
