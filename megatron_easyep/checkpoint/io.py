@@ -15,8 +15,13 @@ publishing a finished output atomically. Every writer in the package goes throug
   directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so at every instant the path
   holds the complete old or the complete new output; where the filesystem cannot exchange, the
   old output is renamed aside, the new one renamed in, and the old one put back if that fails.
-  Nothing is left behind on failure. Single files: `atomic_file` / `write_text_atomic` /
-  `write_json_atomic` (temporary sibling, fsync, ``os.replace``).
+  Nothing is left behind on failure; an OSError names the output path and the OS error. Single
+  files: `atomic_file` / `write_text_atomic` / `write_json_atomic` (temporary sibling, fsync,
+  ``os.replace``).
+- **One run per output** (`output_lock`): a lock file beside the output (``.NAME.lock``) records
+  the holder's host, pid, process start and start time; a second run refuses, naming the holder.
+  A lock whose holder is gone (same host, the pid no longer that process) is stale: it can be
+  taken over.
 - **Score files** (`write_score_file`): ``scores.safetensors`` + ``scores.json``; the json is
   written last and records the tensor file's sha256 (`tensors_sha256`), which
   `pruning.selection.load_scores` checks, so a torn pair is detected.
@@ -32,7 +37,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -267,8 +275,10 @@ def atomic_file(path, mode: str = "wb", **open_kwargs) -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            raise naming_the_output(err, path) from err
         raise
 
 
@@ -373,20 +383,146 @@ def new_staging_dir(out) -> Path:
     return staging
 
 
+# what a failing write reports: disk full, quota, file size limit, read-only or forbidden, I/O error
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.EIO})
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (disk full, quota, file size limit, read-only directory...);
+    the message names the output and the OS error, and nothing of the attempt is left."""
+
+
+def naming_the_output(err: OSError, out: Path) -> OSError:
+    """`err` as an OutputWriteError that names `out` (a write() error names no file)."""
+    if isinstance(err, OutputWriteError):
+        return err
+    where = f" ({err.filename})" if err.filename and Path(str(err.filename)).name != out.name else ""
+    return OutputWriteError(err.errno, f"writing {out} failed: {err.strerror or err}{where}")
+
+
 @contextlib.contextmanager
-def staged_output(out, *, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(out, *, overwrite: bool = False, lock: bool = False) -> Iterator[Path]:
     """Yields a new, empty staging directory beside `out`; when the block ends normally it is
     published to `out` (`publish`); when it raises, the staging directory is removed and `out`
-    is as it was."""
+    is as it was (an OSError comes out as an OutputWriteError naming `out`). With `lock`, the
+    output's lock (`output_lock`, a stale one taken over) is held from start to publish."""
     out = Path(out)
     check_output(out, overwrite)
-    staging = new_staging_dir(out)
+    with output_lock(out, take_over_stale=True) if lock else contextlib.nullcontext():
+        check_output(out, overwrite)  # again: a run that held the lock may have just published
+        try:
+            staging = new_staging_dir(out)
+        except OSError as err:
+            raise (naming_the_output(err, out) if err.errno in WRITE_ERRNOS else err) from err
+        try:
+            yield staging
+            publish(staging, out, overwrite=overwrite)
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+                raise naming_the_output(err, out) from err
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# one run per output
+# --------------------------------------------------------------------------------------------
+
+
+class OutputLocked(FileExistsError):
+    """Another run holds the output's lock (or left it behind)."""
+
+
+def lock_path(out) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.lock"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), with the boot id: tells a live
+    holder from a later process that reuses its pid. None where /proc does not say."""
     try:
-        yield staging
-        publish(staging, out, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return f"{boot}/{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _holder_alive(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here: assume it runs
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return True
+    recorded = holder.get("process_start")
+    return recorded is None or _process_start(int(holder["pid"])) in (None, recorded)
+
+
+def _describe(holder: dict) -> str:
+    return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+            + (f": {holder['command']}" if holder.get("command") else ""))
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}  # a lock being written this instant, or torn by a crash: no holder named
+
+
+@contextlib.contextmanager
+def output_lock(out, *, take_over_stale: bool = False, stale_hint: str = "") -> Iterator[Path]:
+    """Hold the lock beside `out` for the block. A lock held by a live run raises OutputLocked
+    naming it; a stale one (its holder is gone) is taken over when `take_over_stale`, else it
+    raises OutputLocked naming the dead holder and `stale_hint`. A taken-over run's staging
+    directories are removed. The lock is removed when the block ends, however it ends."""
+    out = Path(out)
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            if not holder or _holder_alive(holder):
+                raise OutputLocked(f"output {out} is in use by another run ({_describe(holder)}); its lock "
+                                   f"is {path}. Wait for it to finish, or stop it first") from None
+            if not take_over_stale:
+                raise OutputLocked(f"output {out} has a lock left by a run that is no longer running "
+                                   f"({_describe(holder)}); {stale_hint or 'remove ' + str(path)}") from None
+            stale = _temporary_sibling(path, "stale")
+            try:
+                os.rename(path, stale)  # one taker wins; the others find the new lock next time round
+            except FileNotFoundError:
+                continue
+            stale.unlink(missing_ok=True)
+            for litter in out.parent.glob(f".{out.name}.partial-{holder.get('pid')}-*"):
+                shutil.rmtree(litter, ignore_errors=True)
+            print(f"taking over {path} from a run that is no longer running ({_describe(holder)})",
+                  file=sys.stderr, flush=True)
+            continue
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        break
+    else:
+        raise OutputLocked(f"output {out}: could not take the lock {path}")
+    try:
+        yield path
+    finally:
+        if _read_holder(path).get("pid") == me["pid"] and _read_holder(path).get("started") == me["started"]:
+            path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,8 +589,10 @@ def write_score_file(
         write_tensors(staged, tensors, metadata={"format": SCORE_FORMAT, "config_hash": config_hash}, fsync=True)
         tensors_sha256 = file_sha256(staged)
         os.replace(staged, tensor_path)
-    except BaseException:
+    except BaseException as err:
         staged.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            raise naming_the_output(err, tensor_path) from err
         raise
     meta: dict[str, Any] = dict(provenance or {})
     meta.update({"format": SCORE_FORMAT, "layers": layers, "metrics": metrics, "domains": domains,

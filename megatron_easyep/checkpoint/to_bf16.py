@@ -72,7 +72,7 @@ def convert_fp8_to_bf16(src_dir, dst_dir, *, overwrite: bool = False, allow_unex
     DeepseekV3Config.from_dict(new_config, source=f"BF16 copy of {src / CONFIG_FILE}")
 
     shards = sorted(set(checkpoint.weight_map.values()))
-    with io.staged_output(dst, overwrite=overwrite) as staging:
+    with io.staged_output(dst, overwrite=overwrite, lock=True) as staging:
         weight_map: dict[str, str] = {}
         dequantized = copied = total_size = 0
         for shard in shards:

@@ -344,6 +344,52 @@ def _dumps_pruning_record(record: dict[str, Any]) -> str:
     return text + "\n}\n"
 
 
+def _pruning_record(src: Path, checkpoint: HFCheckpoint, selection: Selection, identity_note: str | None,
+                    mtp: str, layer_kept: dict, layer_disabled: dict) -> dict[str, Any]:
+    """pruning.json: where the pruned checkpoint comes from and what was kept."""
+    config = checkpoint.config
+    mtp_layers = list(config.mtp_layer_ids)
+    return {
+        "format": PRUNING_FORMAT,
+        "source": {
+            "path": str(src),
+            "config_hash": config.config_hash,
+            "architecture_hash": config.architecture_hash,
+            "storage_format": config.storage_format,
+            "n_routed_experts": config.n_routed_experts,
+            "n_group": config.n_group,
+            "topk_group": config.topk_group,
+            "unexpected_tensors": list(checkpoint.unexpected),  # let through by allow_unexpected
+        },
+        "scores_sha256": selection.scores_sha256,
+        # the checkpoint the scores were made on (architecture_hash null: an older score file)
+        "scores_checkpoint": {
+            "config_hash": selection.config_hash,
+            "architecture_hash": selection.architecture_hash,
+            "storage_format": selection.storage_format,
+        },
+        "identity_note": identity_note,
+        "metric": selection.metric,
+        "domains": list(selection.domains) if selection.domains is not None else None,
+        "domain_weights": list(selection.domain_weights) if selection.domain_weights is not None else None,
+        "seed": selection.seed,
+        "group_policy": selection.group_policy,
+        "keep": selection.keep,
+        "n_group": selection.n_group,
+        "topk_group": selection.topk_group,
+        "mtp": {
+            "layers": mtp_layers,
+            "action": mtp if mtp_layers else "none",
+            "rule": {str(layer): _mtp_rule(selection, layer) for layer in mtp_layers if mtp == "prune"},
+        },
+        # HF layer index -> kept original ids whose slots are never routed (bias = disabled_bias)
+        "disabled_bias": DISABLED_BIAS,
+        "disabled_experts": {str(layer): list(ids) for layer, ids in sorted(layer_disabled.items())},
+        # HF layer index -> kept original expert ids; new id j is the j-th entry
+        "kept_experts": {str(layer): list(ids) for layer, ids in sorted(layer_kept.items())},
+    }
+
+
 def _other_files(src: Path, weight_files: set[str]) -> list[Path]:
     """Tokenizer, generation config, code, docs: everything but weights, index and our records."""
     skip = weight_files | {INDEX_FILE, CONFIG_FILE, PRUNING_FILE, PREFLIGHT_FILE}
@@ -411,48 +457,10 @@ def export_pruned(
         source_index = json.loads((src / INDEX_FILE).read_text(encoding="utf-8"))
 
     preflight = preflight_for_config(new_config)
-    pruning = {
-        "format": PRUNING_FORMAT,
-        "source": {
-            "path": str(src),
-            "config_hash": config.config_hash,
-            "architecture_hash": config.architecture_hash,
-            "storage_format": config.storage_format,
-            "n_routed_experts": config.n_routed_experts,
-            "n_group": config.n_group,
-            "topk_group": config.topk_group,
-            "unexpected_tensors": list(checkpoint.unexpected),  # let through by allow_unexpected
-        },
-        "scores_sha256": selection.scores_sha256,
-        # the checkpoint the scores were made on (architecture_hash null: an older score file)
-        "scores_checkpoint": {
-            "config_hash": selection.config_hash,
-            "architecture_hash": selection.architecture_hash,
-            "storage_format": selection.storage_format,
-        },
-        "identity_note": identity_note,
-        "metric": selection.metric,
-        "domains": list(selection.domains) if selection.domains is not None else None,
-        "domain_weights": list(selection.domain_weights) if selection.domain_weights is not None else None,
-        "seed": selection.seed,
-        "group_policy": selection.group_policy,
-        "keep": selection.keep,
-        "n_group": selection.n_group,
-        "topk_group": selection.topk_group,
-        "mtp": {
-            "layers": mtp_layers,
-            "action": mtp if mtp_layers else "none",
-            "rule": {str(layer): _mtp_rule(selection, layer) for layer in mtp_layers if mtp == "prune"},
-        },
-        # HF layer index -> kept original ids whose slots are never routed (bias = disabled_bias)
-        "disabled_bias": DISABLED_BIAS,
-        "disabled_experts": {str(layer): list(ids) for layer, ids in sorted(layer_disabled.items())},
-        # HF layer index -> kept original expert ids; new id j is the j-th entry
-        "kept_experts": {str(layer): list(ids) for layer, ids in sorted(layer_kept.items())},
-    }
+    pruning = _pruning_record(src, checkpoint, selection, identity_note, mtp, layer_kept, layer_disabled)
 
     # ---- everything checked: write into a staging sibling, then rename into place ----
-    with io.staged_output(dst, overwrite=overwrite) as staging:
+    with io.staged_output(dst, overwrite=overwrite, lock=True) as staging:
         weight_map: dict[str, str] = {}
         total_size = 0
         for shard, tensors in plan.items():

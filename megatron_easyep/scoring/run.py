@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import torch
@@ -303,8 +304,10 @@ def _save_state(work: Path, rank: int, scorer: ExpertScorer, next_step: int, run
     if not run_file.is_file():
         work.mkdir(parents=True, exist_ok=True)
         io.write_json_atomic(run_file, {"run_id": run_id}, indent=None)
-    with io.atomic_file(_state_file(work, rank, next_step)) as f:
-        torch.save({"scorer": scorer.state_dict(), "next_step": next_step}, f)
+    # serialised first: torch.save reports a failing write as a RuntimeError, io names the path and the OS error
+    snapshot = BytesIO()
+    torch.save({"scorer": scorer.state_dict(), "next_step": next_step}, snapshot)
+    io.write_bytes_atomic(_state_file(work, rank, next_step), snapshot.getvalue())
     snapshots = sorted(work.glob(f"state_rank{rank}_step*.pt"),
                        key=lambda p: int(p.stem.rsplit("step", 1)[1]))
     for old in snapshots[:-2]:
