@@ -492,7 +492,10 @@ def output_lock(out, *, take_over_stale: bool = False, stale_hint: str = "") -> 
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _read_holder(path)
-            if not holder or _holder_alive(holder):
+            if not holder:
+                raise OutputLocked(f"output {out} is locked by {path}, which names no holder (a run that died "
+                                   f"while taking it?); remove it if no run is writing {out}") from None
+            if _holder_alive(holder):
                 raise OutputLocked(f"output {out} is in use by another run ({_describe(holder)}); its lock "
                                    f"is {path}. Wait for it to finish, or stop it first") from None
             if not take_over_stale:
@@ -500,8 +503,13 @@ def output_lock(out, *, take_over_stale: bool = False, stale_hint: str = "") -> 
                                    f"({_describe(holder)}); {stale_hint or 'remove ' + str(path)}") from None
             stale = _temporary_sibling(path, "stale")
             try:
-                os.rename(path, stale)  # one taker wins; the others find the new lock next time round
+                os.rename(path, stale)
             except FileNotFoundError:
+                continue  # another run took it over first: look again
+            if _read_holder(stale) != holder:  # ...and locked it again just before our rename: put it back
+                with contextlib.suppress(FileExistsError):
+                    os.link(stale, path)
+                stale.unlink(missing_ok=True)
                 continue
             stale.unlink(missing_ok=True)
             for litter in out.parent.glob(f".{out.name}.partial-{holder.get('pid')}-*"):
@@ -521,7 +529,7 @@ def output_lock(out, *, take_over_stale: bool = False, stale_hint: str = "") -> 
     try:
         yield path
     finally:
-        if _read_holder(path).get("pid") == me["pid"] and _read_holder(path).get("started") == me["started"]:
+        if _read_holder(path) == me:  # never remove a lock that is no longer ours
             path.unlink(missing_ok=True)
 
 
