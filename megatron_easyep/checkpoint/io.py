@@ -263,23 +263,29 @@ def _temporary_sibling(path: Path, tag: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode: str = "wb", **open_kwargs) -> Iterator[Any]:
-    """Yields a file open on a temporary sibling of `path`; on success it is flushed, fsynced and
-    renamed over `path` (readers see the old file or the new one, never a part); on failure it
-    is removed and `path` is untouched."""
+def staged_file(path) -> Iterator[Path]:
+    """Yields a temporary sibling of `path` to write; on success it is renamed over `path`
+    (readers see the old file or the new one, never a part); on failure it is removed, `path` is
+    untouched, and a failed write comes out as an OutputWriteError naming `path`."""
     path = Path(path)
     tmp = _temporary_sibling(path, "tmp")
     try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
             raise naming_the_output(err, path) from err
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "wb", **open_kwargs) -> Iterator[Any]:
+    """`staged_file` as an open file, flushed and fsynced before the rename."""
+    with staged_file(path) as tmp, open(tmp, mode, **open_kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_bytes_atomic(path, data: bytes) -> Path:
@@ -592,16 +598,9 @@ def write_score_file(
     metrics, tensors = _score_tensors(scores, layers, domains)
     directory.mkdir(parents=True, exist_ok=True)
     tensor_path = directory / SCORE_TENSORS_FILE
-    staged = _temporary_sibling(tensor_path, "tmp")
-    try:
+    with staged_file(tensor_path) as staged:
         write_tensors(staged, tensors, metadata={"format": SCORE_FORMAT, "config_hash": config_hash}, fsync=True)
         tensors_sha256 = file_sha256(staged)
-        os.replace(staged, tensor_path)
-    except BaseException as err:
-        staged.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
-            raise naming_the_output(err, tensor_path) from err
-        raise
     meta: dict[str, Any] = dict(provenance or {})
     meta.update({"format": SCORE_FORMAT, "layers": layers, "metrics": metrics, "domains": domains,
                  "tokens": {k: int(v) for k, v in (tokens or {}).items()}, "config_hash": config_hash,
