@@ -31,7 +31,8 @@ import torch
 
 from megatron_easyep.pruning.export import kept_byte_ranges
 from megatron_easyep.checkpoint.reader import DeepseekV3Config, HFCheckpoint
-from megatron_easyep.pruning.selection import load_scores, select_for_checkpoint, write_score_file
+from megatron_easyep.checkpoint.io import write_score_file
+from megatron_easyep.pruning.selection import load_scores, select_for_checkpoint
 from megatron_easyep.checkpoint.tiny import make_tiny_checkpoint
 
 MIB = 1 << 20

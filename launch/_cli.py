@@ -34,6 +34,9 @@ def run_main(main) -> None:
     except (CheckpointError, DemoError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as e:  # a write that failed (disk full, quota, file size limit, read-only): io names the path
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def add_allow_unexpected(parser) -> None:

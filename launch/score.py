@@ -8,6 +8,7 @@ OUTPUT/scores.json (provenance). A killed run continues with --resume.
 from __future__ import annotations
 
 import argparse
+import os
 
 import _cli
 
@@ -67,6 +68,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from megatron_easyep.checkpoint import io
     from megatron_easyep.scoring.run import ScoreRun, run_scoring
 
     values = parse_args(argv)
@@ -75,7 +77,13 @@ def main(argv=None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise SystemExit(f"error: unknown config keys: {', '.join(unknown)}")
-    run_scoring(ScoreRun(**values))
+    run = ScoreRun(**values)
+    if int(os.environ.get("RANK", "0")) != 0:
+        run_scoring(run)  # rank 0 holds the output's lock for every rank (torchrun stops them if it cannot)
+        return
+    with io.output_lock(run.output, take_over_stale=run.resume,
+                        stale_hint="the same command with --resume continues it and takes the lock over"):
+        run_scoring(run)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from faults import run_then_kill, snapshot_for_every_rank
 from hf_oracle import dequantize_blockwise_reference
 from megatron_easyep.checkpoint.inventory import expected_tensors
 from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config, HFCheckpoint
@@ -36,7 +37,7 @@ KEEP = 8
 
 
 def _run(cmd, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("EASYEP_FAULT_AFTER_STEPS", "EASYEP_ALLOW_UNEXPECTED_TENSORS")}
+    env = {k: v for k, v in os.environ.items() if k != "EASYEP_ALLOW_UNEXPECTED_TENSORS"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env_extra)
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
@@ -210,7 +211,7 @@ def test_score_cli_escape_hatch_flag(fp8_ckpt, demos, tmp_path):
 
 def _write_scores_for(ckpt: Path, out: Path) -> None:
     """A score file as an older scoring run of `ckpt` wrote it (config_hash only)."""
-    from megatron_easyep.pruning.selection import write_score_file
+    from megatron_easyep.checkpoint.io import write_score_file
 
     config = DeepseekV3Config.load(ckpt)
     layers = config.moe_layer_ids
@@ -360,14 +361,20 @@ def test_failed_start_leaves_no_inprogress(case, fp8_ckpt, demos, tmp_path):
 def test_killed_run_keeps_inprogress_and_resumes(scored, bf16_copy, demos, tmp_path):
     out = tmp_path / "out"
     args = ("--checkpoint-every", "1")
-    killed = _score(bf16_copy, demos, out, *args, EASYEP_FAULT_AFTER_STEPS="2")
+    env = {k: v for k, v in os.environ.items() if k != "EASYEP_ALLOW_UNEXPECTED_TENSORS"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # SIGKILL from outside once the step-2 snapshot is announced
+    killed = run_then_kill([PYTHON, SCORE, "--hf-checkpoint", bf16_copy, "--demos", demos, "--output", out, *args],
+                           ready=snapshot_for_every_rank(tmp_path / "out.inprogress", 1, min_step=2), env=env,
+                           cwd=REPO, timeout=300)
+    assert killed.killed, f"the run ended (exit {killed.returncode}) before it could be killed:\n{killed.stderr[-3000:]}"
     assert killed.returncode != 0 and not out.exists()
     kept = sorted(p.name for p in (tmp_path / "out.inprogress").iterdir())
     assert "run.json" in kept and any(n.startswith("state_rank0_step") for n in kept), kept
     assert "--resume continues" in killed.stderr
     resumed = _score(bf16_copy, demos, out, *args, "--resume")
     _ok(resumed, "--resume")
-    assert "resuming at step 2/" in resumed.stderr
+    assert int(resumed.stderr.split("resuming at step ", 1)[1].split("/")[0]) >= 2, resumed.stderr[-2000:]
     assert not (tmp_path / "out.inprogress").exists()
     got, ref = load_file(out / "scores.safetensors"), load_file(scored["bf16"] / "scores.safetensors")
     assert set(got) == set(ref)

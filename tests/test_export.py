@@ -25,7 +25,8 @@ import torch
 from hf_oracle import load_transformers_model, load_transformers_mtp, read_checkpoint_tensors
 from megatron_easyep.pruning.export import ExportError, export_pruned
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
-from megatron_easyep.pruning.selection import Selection, SelectionError, load_scores, select_for_checkpoint, write_score_file
+from megatron_easyep.checkpoint.io import write_score_file
+from megatron_easyep.pruning.selection import Selection, SelectionError, load_scores, select_for_checkpoint
 from megatron_easyep.checkpoint.tiny import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -191,3 +191,42 @@ def test_megatron_internals_checker_can_fail():
     for source, kind in cases.items():
         found = _megatron_internals(source)
         assert found and any(kind in line for line in found), (source, found)
+
+
+# --------------------------------------------------------------------------------------------
+# the synthetic checkpoint generator is test and bench tooling
+# --------------------------------------------------------------------------------------------
+
+TINY = "megatron_easyep.checkpoint.tiny"
+# where production code lives; converters/make_tiny_checkpoint.py is the generator's own CLI
+PRODUCTION_DIRS = ("megatron_easyep", "launch", "converters")
+TINY_USERS_ALLOWED = {"megatron_easyep/checkpoint/tiny.py", "converters/make_tiny_checkpoint.py"}
+
+
+def _imports_tiny(source: str) -> bool:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(a.name == TINY or a.name.startswith(TINY + ".") for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == TINY or (node.module == "megatron_easyep.checkpoint"
+                                       and any(a.name == "tiny" for a in node.names)):
+                return True
+    return False
+
+
+def test_production_does_not_import_the_synthetic_generator():
+    root = PACKAGE.parent
+    offenders = []
+    for directory in PRODUCTION_DIRS:
+        for path in sorted((root / directory).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel not in TINY_USERS_ALLOWED and _imports_tiny(path.read_text()):
+                offenders.append(rel)
+    assert not offenders, f"production code imports {TINY} (test and bench tooling): {offenders}"
+
+
+def test_tiny_import_check_can_fail():
+    assert _imports_tiny("def f():\n    from megatron_easyep.checkpoint.tiny import build_config\n")
+    assert _imports_tiny("from megatron_easyep.checkpoint import io, tiny\n")
+    assert _imports_tiny("import megatron_easyep.checkpoint.tiny as t\n")
+    assert not _imports_tiny("from megatron_easyep.checkpoint import io\nimport megatron_easyep.checkpoint.tinyx\n")

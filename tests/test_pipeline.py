@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from faults import run_then_kill, snapshot_for_every_rank
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
 from megatron_easyep.mcore import plan
 
@@ -53,7 +54,7 @@ RESUME_ARGS = ["--pipeline-parallel", 2, "--checkpoint-every", 1, "--micro-batch
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "EASYEP_FAULT_AFTER_STEPS"}
+    env = dict(os.environ)
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
     return env
 
@@ -122,8 +123,10 @@ def launches(ckpt, demo_files, tmp_path_factory):
     def resume():
         output = root / "resumed"
         cmd = _score_cmd(2, ckpt, demo_files, output, *RESUME_ARGS)
-        killed = _run(cmd, EASYEP_FAULT_AFTER_STEPS="2")
-        inprogress = sorted(p.name for p in output.with_name(output.name + ".inprogress").glob("*"))
+        work = output.with_name(output.name + ".inprogress")
+        # SIGKILL the whole torchrun tree once both stages have a snapshot (as a lost node would)
+        killed = run_then_kill(cmd, ready=snapshot_for_every_rank(work, 2), env=_env(), cwd=REPO, timeout=TIMEOUT)
+        inprogress = sorted(p.name for p in work.glob("*"))
         return output, killed, inprogress, _run(cmd + ["--resume"])
 
     def worker():
@@ -223,7 +226,8 @@ def test_pp2_ep2_on_four_ranks_matches_ep1(launches):
 
 def test_killed_pp_run_resumes_to_identical_scores(launches):
     output, killed, inprogress, resumed = launches["resume"].result()
-    assert killed.returncode != 0, "EASYEP_FAULT_AFTER_STEPS=2 should have killed the run"
+    assert killed.killed, f"the run ended (exit {killed.returncode}) before it could be killed:\n{killed.stderr[-3000:]}"
+    assert killed.returncode != 0
     assert any(n.startswith("state_rank1") for n in inprogress), inprogress  # the last stage's too
     _check(resumed, "--resume under PP")
     assert "resuming at step" in resumed.stderr, "the --resume run started over"

@@ -18,8 +18,8 @@ from megatron_easyep.pruning.selection import (
     reap_scores,
     select_experts,
     select_for_checkpoint,
-    write_score_file,
 )
+from megatron_easyep.checkpoint.io import write_score_file
 
 REPO = Path(__file__).resolve().parent.parent
 E = 8

@@ -162,7 +162,8 @@ export_pruned(src, dst, sel, finalize=prepared.finalize)
 def e2e(tiny_checkpoint_factory, tmp_path_factory):
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
     from megatron_easyep.pruning.export import export_pruned
-    from megatron_easyep.pruning.selection import load_scores, select_for_checkpoint, write_score_file
+    from megatron_easyep.checkpoint.io import write_score_file
+    from megatron_easyep.pruning.selection import load_scores, select_for_checkpoint
 
     root = tmp_path_factory.mktemp("rebalance")
     src = tiny_checkpoint_factory(num_nextn_predict_layers=1)

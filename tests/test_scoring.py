@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from faults import run_then_kill, snapshot_for_every_rank
 from hf_scorer import METRIC_NAMES, hf_expert_scores
 from megatron_easyep.scoring import metrics
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
@@ -164,7 +165,7 @@ def checkpoints(tiny_checkpoint_factory):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "EASYEP_FAULT_AFTER_STEPS"}
+    env = dict(os.environ)
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
     return env
 
@@ -230,10 +231,12 @@ def launches(checkpoints, demo_files, tmp_path_factory):
         launch = Launch(root / "resumed", checkpoints[ckpt_key], nproc, ep, dispatcher)
         cmd = _score_cmd(nproc, launch.ckpt, demo_files, launch.output, "--expert-parallel", ep,
                          "--dispatcher", dispatcher, "--checkpoint-every", 1)
-        killed = _run(cmd, EASYEP_FAULT_AFTER_STEPS="2")
+        inprogress = launch.output.with_name(launch.output.name + ".inprogress")
+        # SIGKILL the whole torchrun tree once every rank has a snapshot (as a lost node would)
+        killed = run_then_kill(cmd, ready=snapshot_for_every_rank(inprogress, nproc), env=_env(), cwd=REPO,
+                               timeout=LAUNCH_TIMEOUT)
         after_kill = {"output_exists": launch.output.exists(),
-                      "inprogress": sorted(p.name for p in launch.output.with_name(
-                          launch.output.name + ".inprogress").glob("*"))}
+                      "inprogress": sorted(p.name for p in inprogress.glob("*"))}
         launch.killed, launch.after_kill = killed, after_kill
         launch.proc = _run(cmd + ["--resume"])
         return launch
@@ -381,7 +384,8 @@ def test_layouts_agree(launches, name, reference):
 def test_killed_run_resumes_to_identical_scores(launches):
     resumed = launches["resume"].result()
     killed = resumed.killed
-    assert killed.returncode != 0, "EASYEP_FAULT_AFTER_STEPS=2 should have killed the run"
+    assert killed.killed, f"the run ended (exit {killed.returncode}) before it could be killed:\n{killed.stderr[-3000:]}"
+    assert killed.returncode != 0
     assert not resumed.after_kill["output_exists"], "a killed run must not leave OUTPUT"
     assert any(n.startswith("state_rank") for n in resumed.after_kill["inprogress"]), \
         f"no resumable snapshot in OUTPUT.inprogress: {resumed.after_kill['inprogress']}"

@@ -21,8 +21,8 @@ from megatron_easyep.pruning.selection import (
     load_scores,
     select_experts,
     select_for_checkpoint,
-    write_score_file,
 )
+from megatron_easyep.checkpoint.io import write_score_file
 from megatron_easyep.checkpoint.tiny import build_config
 
 E, N_GROUP, TOPK_GROUP, TOP_K = 16, 4, 2, 4

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_easyep.analysis.report import MIXED, STYLE, _index, _std, read_csv, write_csv
+from megatron_easyep.analysis.report import MIXED, STYLE, _index, _std, read_csv, save_figure, write_csv
+from megatron_easyep.checkpoint import io
 
 AGGREGATE_FIELDS = ("metric", "criterion", "keep", "setting", "models", "mean", "min", "max", "std", "per_model")
 WIN_FIELDS = ("metric", "keep", "setting", "criterion", "other", "wins", "models")
@@ -318,7 +319,7 @@ def write_plot(path: Path, runs, agg: list[dict]) -> None:
     axes[-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"KL vs M over {len(runs)} independently trained models: line = mean, band = min–max")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -333,7 +334,7 @@ def aggregate_runs(dirs, output) -> Path:
     write_csv(output / "wins.csv", wins, WIN_FIELDS)
     all_rows = [{"model": run["name"], **r} for run in runs for r in run["rows"]]
     write_csv(output / "results_all.csv", all_rows, ("model", *runs[0]["rows"][0].keys()))
-    (output / "table.md").write_text(render(runs, agg, wins))
+    io.write_text_atomic(output / "table.md", render(runs, agg, wins))
     write_plot(output / "quality_vs_m.png", runs, agg)
     return output
 

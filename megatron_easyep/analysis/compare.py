@@ -60,7 +60,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -91,6 +90,7 @@ from megatron_easyep.analysis.report import (
     write_csv,
     write_reports,
 )
+from megatron_easyep.checkpoint import io
 from megatron_easyep.mcore import model as model_lib
 from megatron_easyep.pruning import cprune
 from megatron_easyep.pruning.selection import (
@@ -379,7 +379,7 @@ def run_compare(run: CompareRun) -> Path:
     write_csv(output / "results.csv", rows, CSV_FIELDS)
     write_csv(output / "overlap_demos.csv", demos_overlap, DEMOS_OVERLAP_FIELDS)
     write_csv(output / "overlap_domains.csv", domains_overlap, DOMAINS_OVERLAP_FIELDS)
-    (output / "selections.json").write_text(json.dumps(selections, indent=1) + "\n")
+    io.write_json_atomic(output / "selections.json", selections, indent=1)
     summary = {"format": SUMMARY_FORMAT, "run": asdict(run),
                "checkpoint_config_hash": config.config_hash, "domains": domains,
                "heldout_domains": list(heldout),
@@ -393,7 +393,7 @@ def run_compare(run: CompareRun) -> Path:
                "timings": timings}
     write_reports(output, summary, rows, scores, config, demos_overlap, domains_overlap)
     timings["total_s"] = time.perf_counter() - started
-    (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    io.write_json_atomic(output / "summary.json", summary, indent=1)
     _log(f"wrote {output} ({len(evaluated)} pruned models, {timings['total_s']:.0f} s)")
     return output
 
@@ -429,10 +429,8 @@ def _load_evaluation(output: Path, sid: str, fingerprint: str) -> dict | None:
 
 
 def _store_evaluation(output: Path, sid: str, fingerprint: str, result: dict) -> None:
-    path = output / EVALUATIONS / f"{sid}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
-    os.replace(tmp, path)
+    io.write_json_atomic(output / EVALUATIONS / f"{sid}.json", {"fingerprint": fingerprint, "result": result},
+                         indent=1)
 
 
 def rerender(output) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_easyep.checkpoint import io
 from megatron_easyep.analysis.measures import OVERLAP_METRICS, domain_selection, random_jaccard
 from megatron_easyep.pruning import cprune
 from megatron_easyep.pruning.selection import RANDOM_METRIC, SELECTABLE_METRICS, group_policy_for
@@ -28,7 +29,7 @@ PLOTS = ("quality_vs_m.png", "score_heatmaps.png", "overlap_demos.png", "overlap
 
 def write_reports(output: Path, summary: dict, rows, scores, config, demos_overlap, domains_overlap) -> None:
     """table.md and the plots, from the measured rows (both run_compare and rerender)."""
-    (output / "table.md").write_text(render_tables(rows, summary, config, domains_overlap))
+    io.write_text_atomic(output / "table.md", render_tables(rows, summary, config, domains_overlap))
     write_plots(output, rows, scores, config, domains_overlap, demos_overlap, summary["overlap_keep"],
                 group_policy_for(summary["overlap_keep"], config))
 
@@ -48,11 +49,17 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def write_csv(path: Path, rows: list[dict], fields) -> None:
-    with open(path, "w", newline="") as f:
+    with io.atomic_file(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row[k] for k in fields})
+
+
+def save_figure(fig, path: Path) -> None:
+    """A PNG written atomically (a killed run leaves the previous plot or none, never a part)."""
+    with io.atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=90)
 
 
 METRIC_LABEL = {"kl": "KL(full ‖ pruned), nats/token (lower is better)",
@@ -264,7 +271,7 @@ def write_plots(output, rows, scores, config, domains_overlap, demos_overlap, ov
                  "and min–max over seeds)" + (f"\nM = {', '.join(map(str, zero))}: KL exactly 0 for every "
                                              "criterion (not drawn on the log axis)" if zero else ""))
     fig.tight_layout()
-    fig.savefig(output / "quality_vs_m.png", dpi=90)
+    save_figure(fig, output / "quality_vs_m.png")
     plt.close(fig)
 
     # per-layer easyep score heatmaps per domain, top-M marked
@@ -290,7 +297,7 @@ def write_plots(output, rows, scores, config, domains_overlap, demos_overlap, ov
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.suptitle(f"EASY-EP scores (L1-normalised per layer); dots: top-{overlap_keep} ({policy})")
     fig.tight_layout()
-    fig.savefig(output / "score_heatmaps.png", dpi=90)
+    save_figure(fig, output / "score_heatmaps.png")
     plt.close(fig)
 
     # overlap vs number of demonstrations
@@ -318,7 +325,7 @@ def write_plots(output, rows, scores, config, domains_overlap, demos_overlap, ov
     fig.suptitle(f"Few-shot expert localisation: top-{overlap_keep} set from the first n demonstrations vs from "
                  "all of them (nested subsets; mean over layers)")
     fig.tight_layout()
-    fig.savefig(output / "overlap_demos.png", dpi=90)
+    save_figure(fig, output / "overlap_demos.png")
     plt.close(fig)
 
     # overlap between domains: Jaccard matrices per metric (rows) and layer (+ mean)
@@ -346,6 +353,6 @@ def write_plots(output, rows, scores, config, domains_overlap, demos_overlap, ov
     fig.suptitle(f"Jaccard of top-{overlap_keep} sets between domains "
                  f"(random expectation {random_jaccard(config, overlap_keep, policy):.2f})")
     fig.tight_layout()
-    fig.savefig(output / "overlap_domains.png", dpi=90)
+    save_figure(fig, output / "overlap_domains.png")
     plt.close(fig)
 

@@ -15,27 +15,23 @@ assembled in a temporary sibling and renamed into place; the source is never mod
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import struct
-import uuid
 from dataclasses import dataclass
 
 import torch
 
+from megatron_easyep.checkpoint import io
 from megatron_easyep.checkpoint.reader import (
     CONFIG_FILE,
     FP8_DTYPES,
     INDEX_FILE,
-    SAFETENSORS_ITEMSIZE,
     SCALE_SUFFIX,
     CheckpointError,
     DeepseekV3Config,
     HFCheckpoint,
     read_safetensors_header,
 )
-from megatron_easyep.checkpoint.tiny import move_into_place
 
 
 @dataclass(frozen=True)
@@ -76,10 +72,7 @@ def convert_fp8_to_bf16(src_dir, dst_dir, *, overwrite: bool = False, allow_unex
     DeepseekV3Config.from_dict(new_config, source=f"BF16 copy of {src / CONFIG_FILE}")
 
     shards = sorted(set(checkpoint.weight_map.values()))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with io.staged_output(dst, overwrite=overwrite, lock=True) as staging:
         weight_map: dict[str, str] = {}
         dequantized = copied = total_size = 0
         for shard in shards:
@@ -88,22 +81,16 @@ def convert_fp8_to_bf16(src_dir, dst_dir, *, overwrite: bool = False, allow_unex
             headers, metadata = read_safetensors_header(src / shard)
             names = [n for n, s in checkpoint.weight_map.items() if s == shard]
             fp8 = {n for n in names if headers[n].dtype in FP8_DTYPES}
-            out = [(n, "BF16" if n in fp8 else headers[n].dtype, headers[n].shape) for n in names
+            out = [io.TensorEntry(n, "BF16" if n in fp8 else headers[n].dtype, headers[n].shape) for n in names
                    if not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in fp8)]
-            sizes = _write_shard(checkpoint, staging / shard, out, fp8, metadata)
-            for name, _, _ in out:
-                weight_map[name] = shard
-            dequantized += sum(1 for n, _, _ in out if n in fp8)
-            copied += sum(1 for n, _, _ in out if n not in fp8)
-            total_size += sizes
+            total_size += _write_shard(checkpoint, staging / shard, out, fp8, metadata)
+            weight_map.update((entry.name, shard) for entry in out)
+            dequantized += sum(1 for entry in out if entry.name in fp8)
+            copied += sum(1 for entry in out if entry.name not in fp8)
         if (src / INDEX_FILE).is_file():
             source_index = json.loads((src / INDEX_FILE).read_text(encoding="utf-8"))
-            metadata = dict(source_index.get("metadata") or {})
-            metadata["total_size"] = total_size
-            index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        (staging / CONFIG_FILE).write_text(json.dumps(new_config, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+            io.write_index(staging, weight_map, total_size, source_index.get("metadata"))
+        io.write_json(staging / CONFIG_FILE, new_config)
         for path in sorted(src.iterdir()):
             if path.name.startswith(".") or path.name in (CONFIG_FILE, INDEX_FILE) or path.name.endswith(".safetensors"):
                 continue
@@ -112,44 +99,18 @@ def convert_fp8_to_bf16(src_dir, dst_dir, *, overwrite: bool = False, allow_unex
             else:
                 shutil.copy2(path, staging / path.name)
         HFCheckpoint(staging, allow_unexpected=allow_unexpected)  # the copy passes the same check
-        move_into_place(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ConversionReport(dst, dequantized, copied, total_size)
 
 
-def _write_shard(checkpoint: HFCheckpoint, path: pathlib.Path, out: list, fp8: set[str], metadata) -> int:
-    """Header first, then each tensor's bytes; one tensor in memory at a time. Larger element
-    types first, so every tensor starts at a multiple of its element size."""
-    ordered = sorted(out, key=lambda t: -SAFETENSORS_ITEMSIZE[t[1]])
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, dtype, shape in ordered:
-        nbytes = SAFETENSORS_ITEMSIZE[dtype] * _numel(shape)
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        for name, dtype, shape in ordered:
-            if name in fp8:
-                tensor = checkpoint.read(name, dtype=torch.float32).to(torch.bfloat16)
-            else:
-                tensor = checkpoint.read_raw(name)
-            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            if data.nbytes != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
-                raise CheckpointError(f"tensor {name}: read {data.nbytes} bytes, its header says otherwise")
-            f.write(memoryview(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, 0o644)
-    return offset
+def _write_shard(checkpoint: HFCheckpoint, path: pathlib.Path, out: list[io.TensorEntry], fp8: set[str],
+                 metadata) -> int:
+    """Header first, then each tensor's bytes; one tensor in memory at a time, larger element
+    types first (`io.aligned`)."""
 
+    def payload(entry: io.TensorEntry, f: io.ShardFile) -> None:
+        if entry.name in fp8:
+            f.write_tensor(checkpoint.read(entry.name, dtype=torch.float32).to(torch.bfloat16))
+        else:
+            f.write_tensor(checkpoint.read_raw(entry.name))
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return io.write_safetensors(path, io.aligned(out), payload, metadata=metadata, fsync=True)

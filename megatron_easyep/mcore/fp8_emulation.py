@@ -242,16 +242,13 @@ def _row_splits(name: str, module, weight: torch.Tensor) -> list[int]:
     return [weight.shape[0]]
 
 
-# The HF tensor a permuted Megatron linear is loaded from (model.megatron_row_order keys on it).
-_ROPE_PERMUTED_HF = {"linear_q_up_proj": "self_attn.q_b_proj.weight", "linear_q_proj": "self_attn.q_proj.weight",
-                     "linear_kv_down_proj": "self_attn.kv_a_proj_with_mqa.weight"}
-
-
 def _rope_row_permutation(name: str, weight: torch.Tensor, hf_config):
     """For checkpoints with rope_interleave = false, model.load_weights permutes each head's rope
     rows; FP8 blocks are defined on the HF row order. Returns (hf_from_megatron, megatron_from_hf)
     index tensors, or None when no permutation applies."""
-    hf_name = _ROPE_PERMUTED_HF.get(name.rsplit(".", 1)[-1])
+    from megatron_easyep.mcore.mapping import ROPE_PERMUTED  # the HF tensor model.megatron_row_order keys on
+
+    hf_name = ROPE_PERMUTED.get(name.rsplit(".", 1)[-1])
     if hf_config is None or hf_name is None:
         return None
     from megatron_easyep.mcore.model import megatron_row_order

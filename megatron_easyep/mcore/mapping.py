@@ -42,6 +42,13 @@ LAYER_TABLE = {
     "mlp.experts.local_experts.{local}.linear_fc2.weight": ("mlp.experts.{expert}.down_proj.weight",),
 }
 
+# The HF tensors whose per-head rope rows the loader permutes when rope_interleave is false, by
+# the Megatron linear that holds them: query projections (each head: qk_nope + qk_rope rows) and
+# the compressed KV projection (one block whose last qk_rope rows are the rope key).
+ROPE_PERMUTED_QUERY = {"linear_q_up_proj": "self_attn.q_b_proj.weight", "linear_q_proj": "self_attn.q_proj.weight"}
+ROPE_PERMUTED_KV = {"linear_kv_down_proj": "self_attn.kv_a_proj_with_mqa.weight"}
+ROPE_PERMUTED = {**ROPE_PERMUTED_QUERY, **ROPE_PERMUTED_KV}
+
 # Megatron state-dict entries that carry no weights.
 IGNORED_SUFFIXES = ("_extra_state", "local_tokens_per_expert")
 

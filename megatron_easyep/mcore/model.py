@@ -174,9 +174,9 @@ def _rope_head_dim(cfg: DeepseekV3Config, hf_name: str, rows: int) -> int | None
     when this tensor is not permuted)."""
     if cfg.rope_interleave:
         return None
-    if hf_name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+    if hf_name.endswith(tuple(mapping.ROPE_PERMUTED_QUERY.values())):
         return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    if hf_name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+    if hf_name.endswith(tuple(mapping.ROPE_PERMUTED_KV.values())):
         return rows
     return None
 

@@ -11,13 +11,13 @@ GPTModel from `model.build_model` has none), ``rope_interleave`` true and untied
 (DeepSeek's settings, the ones whose parity with transformers is measured).
 
 Output, like DeepSeek's own releases: ``config.json`` with every DeepSeek-V3 key (the caller
-passes the dict, e.g. from `tiny_checkpoint.build_config`), sharded safetensors +
+passes the dict, e.g. from `checkpoint.deepseek.deepseek_v3_config`), sharded safetensors +
 ``model.safetensors.index.json`` (a single ``model.safetensors`` when ``num_shards=1``; layers are
 never split across shards), BF16 (or fp32, or FP8 e4m3 with per-block ``weight_scale_inv`` and
-``quantization_config``; which tensors are FP8 follows `tiny_checkpoint.checkpoint_units`:
+``quantization_config``; which tensors are FP8 follows `checkpoint.inventory.checkpoint_units`:
 attention/MLP/expert projections yes; embeddings, lm_head, norms and router no),
 ``generation_config.json``, ``tokenizer.json`` + ``tokenizer_config.json``. The directory is
-assembled in a temporary sibling and renamed into place.
+assembled in a staging sibling and renamed into place (`checkpoint.io.staged_output`).
 
 A trained model is also kept in Megatron form (`save_megatron_state`): ``model_state.pt`` (the
 GPTModel state dict, weights only), ``config.json`` (the HF config that defines the architecture)
@@ -27,26 +27,16 @@ and ``tokenizer.json``; `converters/megatron_to_hf.py` turns such a directory in
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import uuid
 
 import torch
-from safetensors.torch import save_file
 
 from megatron_easyep.mcore import mapping
+from megatron_easyep.checkpoint import io
+from megatron_easyep.checkpoint.deepseek import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config, tokenizer_config
 from megatron_easyep.checkpoint.fp8_blocks import DEFAULT_BLOCK_SIZE, quantize_fp8_blockwise
+from megatron_easyep.checkpoint.inventory import checkpoint_units
 from megatron_easyep.checkpoint.reader import CheckpointError, DeepseekV3Config, scale_inv_name
-from megatron_easyep.checkpoint.tiny import (
-    BOS_TOKEN_ID,
-    EOS_TOKEN_ID,
-    move_into_place,
-    split_units_into_shards,
-    tokenizer_config,
-    write_json,
-    checkpoint_units,
-)
 
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 MEGATRON_STATE_FILE = "model_state.pt"
@@ -137,8 +127,7 @@ def write_hf_checkpoint(source, config: dict, out_dir, *, dtype: str = "bfloat16
     if dtype not in STORAGE_DTYPES:
         raise HFWriteError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     out_dir = pathlib.Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+    io.check_output(out_dir, overwrite)
 
     config = json.loads(json.dumps(config))
     old_qc = config.pop("quantization_config", None)
@@ -176,41 +165,26 @@ def write_hf_checkpoint(source, config: dict, out_dir, *, dtype: str = "bfloat16
     if missing:
         raise HFWriteError(f"no value for HF tensor(s) {missing[:3]}")
     unit_bytes = [sum(tensors[s.name].numel() for s in unit) for unit in units]
-    groups = split_units_into_shards(unit_bytes, num_shards)
+    groups = io.split_units_into_shards(unit_bytes, num_shards)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
+    with io.staged_output(out_dir, overwrite=overwrite) as staging:
         weight_map: dict[str, str] = {}
         total_size = 0
         for index, group in enumerate(groups):
-            shard = "model.safetensors" if num_shards == 1 else \
-                f"model-{index + 1:05d}-of-{num_shards:05d}.safetensors"
+            shard = io.shard_name(index, num_shards)
             shard_tensors: dict[str, torch.Tensor] = {}
             for unit_index in group:
                 for spec in units[unit_index]:
                     shard_tensors.update(stored(spec))
-            save_file(shard_tensors, str(tmp_dir / shard), metadata={"format": "pt"})
-            os.chmod(tmp_dir / shard, 0o644)
-            for name, tensor in shard_tensors.items():
-                weight_map[name] = shard
-                total_size += tensor.numel() * tensor.element_size()
+            total_size += io.write_tensors(staging / shard, shard_tensors, metadata={"format": "pt"})
+            weight_map.update((name, shard) for name in shard_tensors)
         if num_shards > 1:
-            write_json(tmp_dir / "model.safetensors.index.json",
-                        {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
-        write_json(tmp_dir / "config.json", config)
-        write_json(tmp_dir / "generation_config.json",
-                    {"_from_model_config": True, "bos_token_id": config["bos_token_id"],
-                     "eos_token_id": config["eos_token_id"], "do_sample": True, "temperature": 0.6,
-                     "top_p": 0.95})
+            io.write_index(staging, weight_map, total_size)
+        io.write_json(staging / "config.json", config)
+        io.write_json(staging / "generation_config.json", generation_config(config))
         if tokenizer_json is not None:
-            (tmp_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-            write_json(tmp_dir / "tokenizer_config.json", tokenizer_config(cfg.max_position_embeddings))
-        move_into_place(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+            (staging / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            io.write_json(staging / "tokenizer_config.json", tokenizer_config(cfg.max_position_embeddings))
     return out_dir
 
 
@@ -226,7 +200,7 @@ def save_megatron_state(model, config: dict, out_dir, *, tokenizer_json: str | N
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
              if isinstance(v, torch.Tensor) and not k.endswith(mapping.IGNORED_SUFFIXES)}
     torch.save(state, out_dir / MEGATRON_STATE_FILE)
-    write_json(out_dir / "config.json", config)
+    io.write_json(out_dir / "config.json", config)
     if tokenizer_json is not None:
         (out_dir / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     return out_dir

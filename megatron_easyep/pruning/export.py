@@ -26,9 +26,7 @@ import math
 import os
 import re
 import shutil
-import struct
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 
 import torch
 
+from megatron_easyep.checkpoint import io
 from megatron_easyep.checkpoint.reader import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -67,8 +66,6 @@ MTP_FALLBACK_RULE = (
     "mixed as for every layer), then the same group policy; expert ids are not aligned across "
     "layers, so this keeps the MTP layer consistent and servable but is not an importance estimate"
 )
-
-_COPY_CHUNK = 64 * 1024 * 1024
 
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT_NAME = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
@@ -109,52 +106,24 @@ class _OutputTensor:
 
 
 def _write_shard(src_path: Path, dst_path: Path, tensors: list[_OutputTensor], metadata) -> None:
-    # Larger element types first (as the safetensors library orders them) so every tensor starts
-    # at a multiple of its element size; within a size, source order keeps reads sequential.
-    ordered = sorted(tensors, key=lambda t: (-_ITEMSIZE.get(t.dtype, 1), t.source.begin))
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for tensor in ordered:
-        header[tensor.name] = {
-            "dtype": tensor.dtype,
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + tensor.nbytes],
-        }
-        offset += tensor.nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # 8-byte aligned data, as safetensors pads
-    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
-        dst.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        dst.flush()
-        for tensor in ordered:
+    # Larger element types first (`io.aligned`); within a size, source order keeps reads sequential.
+    ordered = io.aligned(tensors, key=lambda t: t.source.begin)
+    by_name = {tensor.name: tensor for tensor in ordered}
+    entries = [io.TensorEntry(t.name, t.dtype, t.shape) for t in ordered]
+    with open(src_path, "rb") as src:
+
+        def payload(entry: io.TensorEntry, dst: io.ShardFile) -> None:
+            tensor = by_name[entry.name]
             if tensor.rows is None:
-                _copy_range(src.fileno(), dst, tensor.source.begin, tensor.nbytes)
-            else:
-                row_bytes = tensor._row_bytes
-                data = os.pread(src.fileno(), tensor.source.end - tensor.source.begin, tensor.source.begin)
-                dst.write(b"".join(tensor.fill if out_row in tensor.fill_rows
-                                   else data[r * row_bytes : (r + 1) * row_bytes]
-                                   for out_row, r in enumerate(tensor.rows)))
-                dst.flush()
+                dst.copy_range(src.fileno(), tensor.source.begin, tensor.nbytes)
+                return
+            row_bytes = tensor._row_bytes
+            data = os.pread(src.fileno(), tensor.source.end - tensor.source.begin, tensor.source.begin)
+            dst.write(b"".join(tensor.fill if out_row in tensor.fill_rows
+                               else data[r * row_bytes : (r + 1) * row_bytes]
+                               for out_row, r in enumerate(tensor.rows)))
 
-
-def _copy_range(src_fd: int, dst, offset: int, count: int) -> None:
-    """Append src[offset:offset+count] to dst, in the kernel when it can (no user-space buffer)."""
-    dst_fd = dst.fileno()
-    while count > 0:
-        try:
-            copied = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
-        except OSError:
-            copied = 0  # cross-device or unsupported: fall back to read/write
-        if copied <= 0:
-            break
-        offset, count = offset + copied, count - copied
-    while count > 0:
-        chunk = os.pread(src_fd, min(count, _COPY_CHUNK), offset)
-        if not chunk:
-            raise CheckpointError(f"unexpected end of file while copying at offset {offset}")
-        os.write(dst_fd, chunk)
-        offset, count = offset + len(chunk), count - len(chunk)
+        io.write_safetensors(dst_path, entries, payload, metadata=metadata)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,6 +344,52 @@ def _dumps_pruning_record(record: dict[str, Any]) -> str:
     return text + "\n}\n"
 
 
+def _pruning_record(src: Path, checkpoint: HFCheckpoint, selection: Selection, identity_note: str | None,
+                    mtp: str, layer_kept: dict, layer_disabled: dict) -> dict[str, Any]:
+    """pruning.json: where the pruned checkpoint comes from and what was kept."""
+    config = checkpoint.config
+    mtp_layers = list(config.mtp_layer_ids)
+    return {
+        "format": PRUNING_FORMAT,
+        "source": {
+            "path": str(src),
+            "config_hash": config.config_hash,
+            "architecture_hash": config.architecture_hash,
+            "storage_format": config.storage_format,
+            "n_routed_experts": config.n_routed_experts,
+            "n_group": config.n_group,
+            "topk_group": config.topk_group,
+            "unexpected_tensors": list(checkpoint.unexpected),  # let through by allow_unexpected
+        },
+        "scores_sha256": selection.scores_sha256,
+        # the checkpoint the scores were made on (architecture_hash null: an older score file)
+        "scores_checkpoint": {
+            "config_hash": selection.config_hash,
+            "architecture_hash": selection.architecture_hash,
+            "storage_format": selection.storage_format,
+        },
+        "identity_note": identity_note,
+        "metric": selection.metric,
+        "domains": list(selection.domains) if selection.domains is not None else None,
+        "domain_weights": list(selection.domain_weights) if selection.domain_weights is not None else None,
+        "seed": selection.seed,
+        "group_policy": selection.group_policy,
+        "keep": selection.keep,
+        "n_group": selection.n_group,
+        "topk_group": selection.topk_group,
+        "mtp": {
+            "layers": mtp_layers,
+            "action": mtp if mtp_layers else "none",
+            "rule": {str(layer): _mtp_rule(selection, layer) for layer in mtp_layers if mtp == "prune"},
+        },
+        # HF layer index -> kept original ids whose slots are never routed (bias = disabled_bias)
+        "disabled_bias": DISABLED_BIAS,
+        "disabled_experts": {str(layer): list(ids) for layer, ids in sorted(layer_disabled.items())},
+        # HF layer index -> kept original expert ids; new id j is the j-th entry
+        "kept_experts": {str(layer): list(ids) for layer, ids in sorted(layer_kept.items())},
+    }
+
+
 def _other_files(src: Path, weight_files: set[str]) -> list[Path]:
     """Tokenizer, generation config, code, docs: everything but weights, index and our records."""
     skip = weight_files | {INDEX_FILE, CONFIG_FILE, PRUNING_FILE, PREFLIGHT_FILE}
@@ -442,51 +457,10 @@ def export_pruned(
         source_index = json.loads((src / INDEX_FILE).read_text(encoding="utf-8"))
 
     preflight = preflight_for_config(new_config)
-    pruning = {
-        "format": PRUNING_FORMAT,
-        "source": {
-            "path": str(src),
-            "config_hash": config.config_hash,
-            "architecture_hash": config.architecture_hash,
-            "storage_format": config.storage_format,
-            "n_routed_experts": config.n_routed_experts,
-            "n_group": config.n_group,
-            "topk_group": config.topk_group,
-            "unexpected_tensors": list(checkpoint.unexpected),  # let through by allow_unexpected
-        },
-        "scores_sha256": selection.scores_sha256,
-        # the checkpoint the scores were made on (architecture_hash null: an older score file)
-        "scores_checkpoint": {
-            "config_hash": selection.config_hash,
-            "architecture_hash": selection.architecture_hash,
-            "storage_format": selection.storage_format,
-        },
-        "identity_note": identity_note,
-        "metric": selection.metric,
-        "domains": list(selection.domains) if selection.domains is not None else None,
-        "domain_weights": list(selection.domain_weights) if selection.domain_weights is not None else None,
-        "seed": selection.seed,
-        "group_policy": selection.group_policy,
-        "keep": selection.keep,
-        "n_group": selection.n_group,
-        "topk_group": selection.topk_group,
-        "mtp": {
-            "layers": mtp_layers,
-            "action": mtp if mtp_layers else "none",
-            "rule": {str(layer): _mtp_rule(selection, layer) for layer in mtp_layers if mtp == "prune"},
-        },
-        # HF layer index -> kept original ids whose slots are never routed (bias = disabled_bias)
-        "disabled_bias": DISABLED_BIAS,
-        "disabled_experts": {str(layer): list(ids) for layer, ids in sorted(layer_disabled.items())},
-        # HF layer index -> kept original expert ids; new id j is the j-th entry
-        "kept_experts": {str(layer): list(ids) for layer, ids in sorted(layer_kept.items())},
-    }
+    pruning = _pruning_record(src, checkpoint, selection, identity_note, mtp, layer_kept, layer_disabled)
 
-    # ---- everything checked: write into a temporary sibling, then rename into place ----
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    # ---- everything checked: write into a staging sibling, then rename into place ----
+    with io.staged_output(dst, overwrite=overwrite, lock=True) as staging:
         weight_map: dict[str, str] = {}
         total_size = 0
         for shard, tensors in plan.items():
@@ -498,12 +472,8 @@ def export_pruned(
             for tensor in tensors:
                 weight_map[tensor.name] = shard
                 total_size += tensor.nbytes
-        index_metadata = dict(source_index.get("metadata") or {})
-        index_metadata["total_size"] = total_size
-        index = {"metadata": index_metadata, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        (staging / CONFIG_FILE).write_text(json.dumps(new_config, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+        io.write_index(staging, weight_map, total_size, source_index.get("metadata"))
+        io.write_json(staging / CONFIG_FILE, new_config)
         for path in _other_files(src, set(checkpoint.weight_map.values()) | {SINGLE_FILE}):
             if path.is_dir():
                 shutil.copytree(path, staging / path.name, symlinks=False)
@@ -513,20 +483,6 @@ def export_pruned(
             finalize(staging, pruning, log)
         (staging / PRUNING_FILE).write_text(_dumps_pruning_record(pruning), encoding="utf-8")
         (staging / PREFLIGHT_FILE).write_text(dumps_preflight(preflight), encoding="utf-8")
-        if dst.exists():
-            retired = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, retired)
-            try:
-                os.rename(staging, dst)
-            except BaseException:
-                os.rename(retired, dst)  # put the previous output back
-                raise
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportReport(
         path=dst,
         num_tensors=len(weight_map),

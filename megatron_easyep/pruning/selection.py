@@ -3,7 +3,7 @@
 Selection is kept apart from slicing (ModelOpt Minitron style): this module decides *which*
 experts survive and which routing groups the pruned config declares; `export.py` only rewrites
 tensors from the resulting `Selection`. Everything here is a pure function of the score tensors
-except `load_scores` / `write_score_file`, which read and write the score file.
+except `load_scores`, which reads the score file (`checkpoint.io.write_score_file` writes it).
 
 Score file (written by the scoring step, read here)
 --------------------------------------------------
@@ -53,11 +53,9 @@ builds such a selection from explicit kept / disabled ids and validates it like 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,18 +63,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from megatron_easyep.checkpoint.io import (
+    DOMAIN_SEPARATOR,
+    SCORE_FORMAT,
+    SCORE_META_FILE,
+    SCORE_METRICS,
+    SCORE_TENSORS_FILE,
+    ScoreFileError,
+    file_sha256,
+)
 from megatron_easyep.checkpoint.reader import describe_storage
 
 if TYPE_CHECKING:  # only for type hints; the config object comes from hf_checkpoint
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
 
-SCORE_FORMAT = "megatron-easyep-scores/1"
-SCORE_TENSORS_FILE = "scores.safetensors"
-SCORE_META_FILE = "scores.json"
 # The metrics the scoring step writes; a score file may carry any subset (or others).
-KNOWN_METRICS = ("easyep", "easyep_no_token", "easyep_no_norm", "gate", "frequency")
+KNOWN_METRICS = SCORE_METRICS
 RANDOM_METRIC = "random"  # not stored in the file: drawn from `seed`
 # REAP (Cerebras; llm-compressor's REAPPruningModifier): the MEAN over the tokens routed to an
 # expert of g * ||e||, where EASY-EP SUMS g * ||e|| * s. Derived from the sums the scorer keeps:
@@ -95,13 +98,13 @@ def reap_scores(gate_norm_sums: torch.Tensor, routed_counts: torch.Tensor) -> to
 GROUP_POLICIES = ("equal-per-group", "collapse")
 EQUAL_PER_GROUP, COLLAPSE = GROUP_POLICIES
 DEFAULT_GROUP_POLICY = "equal-per-group"
-DOMAIN_SEPARATOR = "@"
 # e_score_correction_bias written for a disabled (kept but never routed) expert slot
 DISABLED_BIAS = -1.0e4
 
 
-class SelectionError(ValueError):
-    """A score file or a selection request that cannot produce a valid pruned checkpoint."""
+# A score file or a selection request that cannot produce a valid pruned checkpoint (the score
+# file writer, checkpoint.io.write_score_file, raises the same class).
+SelectionError = ScoreFileError
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,93 +151,6 @@ class ScoreFile:
         return self.tensors[name]
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_score_file(
-    directory: str | os.PathLike,
-    scores: Mapping[str, torch.Tensor],
-    layers: Sequence[int],
-    config_hash: str,
-    domains: Sequence[str],
-    *,
-    tokens: Mapping[str, int] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    architecture_hash: str | None = None,
-    storage_format: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write `scores.safetensors` + `scores.json` into `directory` (created if missing).
-
-    `scores` maps "{metric}" / "{metric}@{domain}" to [len(layers), n_routed_experts] tensors
-    (stored float64). Each file is written to a temporary sibling and renamed; the json, which
-    records the tensor file's sha256, goes last so readers never see a mismatched pair.
-    `architecture_hash` / `storage_format` (DeepseekV3Config's) let the scores prune another
-    storage format of the same model; without them only an identical config.json matches.
-    """
-    directory = Path(directory)
-    layers = [int(layer) for layer in layers]
-    domains = [str(d) for d in domains]
-    if not scores:
-        raise SelectionError("no score tensors to write")
-    metrics: list[str] = []
-    tensors: dict[str, torch.Tensor] = {}
-    for name, value in scores.items():
-        metric, _, domain = name.partition(DOMAIN_SEPARATOR)
-        if domain and domain not in domains:
-            raise SelectionError(f"score tensor {name!r} names domain {domain!r} not in {domains}")
-        if metric not in metrics:
-            metrics.append(metric)
-        value = torch.as_tensor(value).detach().to("cpu", torch.float64).contiguous()
-        if value.dim() != 2 or value.shape[0] != len(layers):
-            raise SelectionError(
-                f"score tensor {name!r} has shape {tuple(value.shape)}, expected [{len(layers)}, E]"
-            )
-        tensors[name] = value
-    directory.mkdir(parents=True, exist_ok=True)
-    tensor_path = directory / SCORE_TENSORS_FILE
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".scores-") as staging:
-        staged = Path(staging) / SCORE_TENSORS_FILE
-        save_file(tensors, str(staged), metadata={"format": "pt"})
-        tensors_sha256 = _sha256_file(staged)
-        os.replace(staged, tensor_path)
-    meta: dict[str, Any] = dict(provenance or {})
-    meta.update(
-        {
-            "format": SCORE_FORMAT,
-            "layers": layers,
-            "metrics": metrics,
-            "domains": domains,
-            "tokens": {k: int(v) for k, v in (tokens or {}).items()},
-            "config_hash": config_hash,
-            "tensors_sha256": tensors_sha256,
-        }
-    )
-    if architecture_hash is not None:
-        meta["architecture_hash"] = architecture_hash
-    if storage_format is not None:
-        meta["storage_format"] = dict(storage_format)
-    _atomic_write_bytes(directory / SCORE_META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-    return directory
-
-
 def load_scores(directory: str | os.PathLike) -> ScoreFile:
     """Read and validate a score directory (scores.json + scores.safetensors)."""
     directory = Path(directory)
@@ -258,7 +174,7 @@ def load_scores(directory: str | os.PathLike) -> ScoreFile:
     if RANDOM_METRIC in metrics:
         raise SelectionError(f"{meta_path}: {RANDOM_METRIC!r} is reserved (drawn from a seed)")
 
-    sha256 = _sha256_file(tensor_path)
+    sha256 = file_sha256(tensor_path)
     if meta.get("tensors_sha256") not in (None, sha256):
         raise SelectionError(
             f"{tensor_path} does not match the sha256 recorded in {meta_path} (torn or edited score file)"

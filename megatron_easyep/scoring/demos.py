@@ -14,14 +14,12 @@ Length rule: a demonstration longer than max_length tokens keeps its first max_l
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-DEEPSEEK_USER = "<｜User｜>"
-DEEPSEEK_ASSISTANT = "<｜Assistant｜>"
-DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
+from megatron_easyep.checkpoint.deepseek import ASSISTANT_TOKEN, EOS_TOKEN, USER_TOKEN
+from megatron_easyep.checkpoint.io import file_sha256  # noqa: F401  (demos_lib.file_sha256: demo provenance)
 DEFAULT_DOMAIN = "default"
 
 
@@ -51,14 +49,6 @@ class DemoFile:
         if not domain:
             raise DemoError(f"{spec}: empty domain after ':'")
         return DemoFile(Path(path), domain)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ChatFormatter:
@@ -99,9 +89,9 @@ class ChatFormatter:
         text = []
         for message in messages:
             if message["role"] == "user":
-                text.append(DEEPSEEK_USER + message["content"])
+                text.append(USER_TOKEN + message["content"])
             elif message["role"] == "assistant":
-                text.append(DEEPSEEK_ASSISTANT + message["content"] + DEEPSEEK_EOS)
+                text.append(ASSISTANT_TOKEN + message["content"] + EOS_TOKEN)
             else:
                 text.append(message["content"])
         return "".join(text)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-METRICS = ("easyep", "easyep_no_token", "easyep_no_norm", "gate", "frequency")
+from megatron_easyep.checkpoint.io import SCORE_METRICS as METRICS  # their order in the score file
+
 
 
 def token_contribution(h: torch.Tensor, h_tilde: torch.Tensor) -> torch.Tensor:

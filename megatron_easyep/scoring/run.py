@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_easyep.checkpoint import io
+from megatron_easyep.checkpoint.io import SCORE_FORMAT
 from megatron_easyep.mcore import compat
 from megatron_easyep.scoring import demos as demos_lib
 from megatron_easyep.scoring import metrics
 from megatron_easyep.scoring.scorer import ExpertScorer, cprune_expert_features
 
-SCORE_FORMAT = "megatron-easyep-scores/1"
 
 
 class ScoringError(ValueError):
@@ -179,7 +180,6 @@ def run_scoring(run: ScoreRun) -> Path | None:
         scorer.load_state_dict(state["scorer"])
         _log(layout, f"resuming at step {start}/{steps}")
 
-    fault_after = int(os.environ.get("EASYEP_FAULT_AFTER_STEPS", "0"))  # tests: simulated kill
     t0, tokens_done = time.perf_counter(), 0
     gpu_telemetry = telemetry.GpuTelemetry(run.telemetry_interval).start()
     with torch.no_grad():
@@ -203,8 +203,6 @@ def run_scoring(run: ScoreRun) -> Path | None:
             pipeline.forward_micro_batches(model, batches, before_micro_batch)
             if (step + 1) % run.checkpoint_every == 0 and step + 1 < steps:
                 _save_state(work, layout.rank, scorer, step + 1, run_id)
-                if fault_after and step + 1 >= fault_after:
-                    os._exit(17)
             if layout.rank == 0 and ((step + 1) % run.log_every == 0 or step + 1 == steps):
                 elapsed = time.perf_counter() - t0
                 _log(layout, f"step {step + 1}/{steps}  rank0 tokens {tokens_done}  "
@@ -304,13 +302,11 @@ def _save_state(work: Path, rank: int, scorer: ExpertScorer, next_step: int, run
     run_file = work / "run.json"
     if not run_file.is_file():
         work.mkdir(parents=True, exist_ok=True)
-        tmp_run = work / f".run.json.rank{rank}.tmp"
-        tmp_run.write_text(json.dumps({"run_id": run_id}))
-        os.replace(tmp_run, run_file)
-    path = _state_file(work, rank, next_step)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"scorer": scorer.state_dict(), "next_step": next_step}, tmp)
-    os.replace(tmp, path)
+        io.write_json_atomic(run_file, {"run_id": run_id}, indent=None)
+    # serialised first: torch.save reports a failing write as a RuntimeError, io names the path and the OS error
+    snapshot = BytesIO()
+    torch.save({"scorer": scorer.state_dict(), "next_step": next_step}, snapshot)
+    io.write_bytes_atomic(_state_file(work, rank, next_step), snapshot.getvalue())
     snapshots = sorted(work.glob(f"state_rank{rank}_step*.pt"),
                        key=lambda p: int(p.stem.rsplit("step", 1)[1]))
     for old in snapshots[:-2]:
@@ -340,17 +336,13 @@ def _megatron_version() -> str:
 
 def _write_scores(work: Path, output: Path, tensors: dict, provenance: dict,
                   overwrite: bool) -> None:
-    """scores.safetensors + scores.json into the in-progress dir, then one rename."""
-    from safetensors.torch import save_file
-
-    work.mkdir(parents=True, exist_ok=True)  # made lazily (no snapshot in a short run)
-    save_file(tensors, str(work / "scores.safetensors"),
-              metadata={"format": SCORE_FORMAT, "config_hash": provenance["config_hash"]})
-    (work / "scores.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    """scores.safetensors + scores.json (`io.write_score_file`, with the tensor file's sha256)
+    into the in-progress dir, its snapshots removed, then published by one rename (`io.publish`:
+    an existing output is replaced atomically with --overwrite)."""
+    io.write_score_file(work, tensors, provenance["layers"], provenance["config_hash"], provenance["domains"],
+                        tokens=provenance["tokens"], provenance=provenance)
     for leftover in list(work.glob("state_rank*")) + [work / "run.json"]:
         leftover.unlink(missing_ok=True)
-    if output.exists():
-        if not overwrite:
-            raise ScoringError(f"output directory {output} exists; pass --overwrite")
-        shutil.rmtree(output)
-    os.replace(work, output)
+    if io.output_in_the_way(output) and not overwrite:
+        raise ScoringError(f"output directory {output} exists; pass --overwrite")
+    io.publish(work, output, overwrite=overwrite)

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_easyep.checkpoint.tiny import BOS_TOKEN, BOS_TOKEN_ID, EOS_TOKEN, EOS_TOKEN_ID, SPECIAL_TOKENS
+from megatron_easyep.checkpoint.deepseek import BOS_TOKEN, BOS_TOKEN_ID, EOS_TOKEN, EOS_TOKEN_ID, SPECIAL_TOKENS
 
 DOMAINS = ("code", "prose", "math")
 DEFAULT_VOCAB_SIZE = 4096

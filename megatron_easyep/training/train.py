@@ -40,7 +40,6 @@ import resource
 import shutil
 import sys
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -50,9 +49,10 @@ from megatron_easyep.training import corpus as corpus_lib
 from megatron_easyep.mcore import to_hf
 from megatron_easyep.mcore import compat
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
-from megatron_easyep.checkpoint.tiny import move_into_place, build_config
+from megatron_easyep.checkpoint import io
+from megatron_easyep.checkpoint.deepseek import deepseek_v3_config
 
-# Model (config.json overrides of tiny_checkpoint's "tiny" preset) and training defaults.
+# Model (config.json overrides of DeepSeek-V3's config.json) and training defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # shared/reference/training-on-cpu.md: ~8 M parameters, ~0.5 s/step on 2 cores.
     "default": {
@@ -146,7 +146,7 @@ def model_config(preset: str, vocab_size: int | None = None) -> dict:
     overrides = dict(PRESETS[preset]["model"])
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    return build_config("tiny", **overrides)
+    return deepseek_v3_config(fp8=False, source=f"training preset {preset!r}", **overrides)
 
 
 def build_training_model(cfg: DeepseekV3Config, *, seed: int, seq_aux_loss_coeff: float = 0.0):
@@ -427,8 +427,7 @@ def _run_training(tc: TrainConfig) -> dict:
     if tc.output is None:
         raise ValueError("an output directory is required")
     out_dir = pathlib.Path(tc.output)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not tc.overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (use --overwrite to replace it)")
+    io.check_output(out_dir, tc.overwrite)
     log = (lambda *a: None) if tc.quiet else (lambda *a: print(*a, flush=True))
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -451,9 +450,7 @@ def _run_training(tc: TrainConfig) -> dict:
         + ", ".join(f"{d}: {s['train_tokens']} train tokens, {s['heldout_documents']} held-out docs"
                     for d, s in corpus_stats.items()))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
+    tmp_dir = io.new_staging_dir(out_dir)
     try:
         demo_paths = corpus_lib.write_demo_files(tmp_dir / "demos", tokenizer, corpus,
                                                  length=tc.seq_length, heldout_per_domain=tc.heldout_demos,
@@ -588,7 +585,7 @@ def _run_training(tc: TrainConfig) -> dict:
                         "megatron": "megatron", "demos": "demos", "corpus_manifest": "corpus_manifest.json"},
         }
         (tmp_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        move_into_place(tmp_dir, out_dir)
+        io.publish(tmp_dir, out_dir, overwrite=tc.overwrite)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

@@ -1,0 +1,96 @@
+"""Faults injected from outside the run, as a cluster does them: the production code has no hook.
+
+`run_then_kill` starts a command (launch/score.py, alone or under torchrun), waits until a
+condition on disk and on its stderr holds (a snapshot every rank has), then SIGKILLs the whole
+process tree at once, as a node loss or a cancelled job's cgroup kill would. torchrun starts its
+workers in their own sessions, so the tree is found through /proc rather than a process group.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Killed:
+    returncode: int
+    stdout: str
+    stderr: str
+    killed: bool  # False: the run ended on its own before the condition held
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    """SIGSTOP every process of the tree (so none reacts or spawns), then SIGKILL them all."""
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += tree.get(p, [])
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in found:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+
+
+def snapshot_for_every_rank(inprogress: Path, world: int, min_step: int = 1):
+    """Condition: some step >= min_step has a snapshot of every rank, and rank 0 has announced it."""
+
+    def ready(stderr: str) -> bool:
+        if "--resume continues" not in stderr:
+            return False
+        steps = [{int(m.group(1)) for p in inprogress.glob(f"state_rank{rank}_step*.pt")
+                  if (m := re.search(r"_step(\d+)\.pt$", p.name))} for rank in range(world)]
+        common = set.intersection(*steps) if steps else set()
+        return any(step >= min_step for step in common)
+
+    return ready
+
+
+def run_then_kill(cmd, *, ready, env, cwd, timeout: float = 600, poll: float = 0.002) -> Killed:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, cwd=cwd, env=env, text=True)
+        deadline, killed = time.monotonic() + timeout, False
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                err.seek(0)
+                if ready(err.read()):
+                    kill_tree(proc.pid)
+                    killed = True
+                    break
+                time.sleep(poll)
+            else:
+                if proc.poll() is None:
+                    kill_tree(proc.pid)
+                    raise TimeoutError(f"{cmd[:3]}... did not reach the kill condition in {timeout} s")
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return Killed(proc.returncode, out.read(), err.read(), killed)
