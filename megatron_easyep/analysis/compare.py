@@ -73,7 +73,6 @@ import torch
 from megatron_easyep.analysis.measures import (
     OVERLAP_METRICS,
     domain_selection,
-    forward_batched,
     measure,
     overlap,
     overlap_between_domains,
@@ -220,15 +219,33 @@ def load_heldout(run: CompareRun, config) -> dict[str, list[list[int]]]:
     return out
 
 
-def evaluate_checkpoint(ckpt_dir, heldout, refs, dtype, batch_size) -> dict[str, dict]:
-    _, model = model_lib.load_megatron_model(str(ckpt_dir), dtype=dtype)
+def held_out_logits(ckpt_dir, heldout: dict[str, list[list[int]]], dtype: str | None, batch_size: int,
+                    seed: int) -> dict[str, list[torch.Tensor]]:
+    """fp32 logits [len, V] of every held-out sequence per domain, `batch_size` sequences per
+    forward in file order (right-padded; attention is causal and routing dropless, so padding never
+    changes a real position), on the shared model session (one process)."""
+    from megatron_easyep.runtime.session import LogitsCollector, ModelSession, SessionSpec, forward_loop
+    from megatron_easyep.scoring.demos import Demo
+
+    session = ModelSession.open(SessionSpec(str(ckpt_dir), dtype=dtype, seed=seed))
+    session.init_parallel()
+    session.load_model()
     try:
-        with torch.no_grad():
-            return {d: measure(refs[d], forward_batched(model, seqs, batch_size))
-                    for d, seqs in heldout.items()}
+        out = {}
+        for domain, seqs in heldout.items():
+            demos = [Demo(tuple(ids), domain, f"held-out {domain} #{i}") for i, ids in enumerate(seqs)]
+            collector = LogitsCollector()
+            forward_loop(session, session.plan_fixed_rows(demos, batch_size), [collector])
+            out[domain] = collector.finalize(session)
+        return out
     finally:
-        del model
+        session.model = None
         gc.collect()
+
+
+def evaluate_checkpoint(ckpt_dir, heldout, refs, dtype: str | None, batch_size: int, seed: int) -> dict[str, dict]:
+    logits = held_out_logits(ckpt_dir, heldout, dtype, batch_size, seed)
+    return {d: measure(refs[d], logits[d]) for d in heldout}
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +307,8 @@ def run_compare(run: CompareRun) -> Path:
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
-    dtype = model_lib.resolve_dtype(run.dtype, config)
+    # the source's compute dtype, by name, for every model here (pruned ones included)
+    dtype = str(model_lib.resolve_dtype(run.dtype, config)).replace("torch.", "")
     heldout = load_heldout(run, config)  # validates the files before any compute
     if run.overwrite:
         shutil.rmtree(output / EVALUATIONS, ignore_errors=True)
@@ -317,11 +335,9 @@ def run_compare(run: CompareRun) -> Path:
 
     # 2. the full model's reference distributions
     t0 = time.perf_counter()
-    _, full = model_lib.load_megatron_model(run.hf_checkpoint, dtype=dtype)
-    with torch.no_grad():
-        refs = {d: reference_of(seqs, forward_batched(full, seqs, run.batch_size)) for d, seqs in heldout.items()}
+    full = held_out_logits(run.hf_checkpoint, heldout, dtype, run.batch_size, run.seed)
+    refs = {d: reference_of(seqs, full[d]) for d, seqs in heldout.items()}
     del full
-    gc.collect()
     timings["reference_s"] = time.perf_counter() - t0
     _log("full model on held-out: " + ", ".join(
         f"{d} {r.tokens} tokens ppl {math.exp(r.nll):.3f}" for d, r in refs.items()))
@@ -348,7 +364,7 @@ def run_compare(run: CompareRun) -> Path:
                 else:
                     dst = Path(tmp) / sid
                     export_pruned(run.hf_checkpoint, dst, sel, mtp="drop", overwrite=True)
-                    evaluated[sid] = evaluate_checkpoint(dst, heldout, refs, dtype, run.batch_size)
+                    evaluated[sid] = evaluate_checkpoint(dst, heldout, refs, dtype, run.batch_size, run.seed)
                     shutil.rmtree(dst, ignore_errors=True)
                     _store_evaluation(output, sid, fingerprint, evaluated[sid])
             else:

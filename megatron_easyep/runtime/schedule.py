@@ -17,6 +17,12 @@ class MicroBatch:
     members: tuple[tuple[int, ...], ...]
 
 
+def deal_in_order(demos: list, dp_rank: int, dp_size: int) -> list[tuple[int, object]]:
+    """Round-robin in input order (for fixed-size batches whose composition must not depend on
+    lengths). Returns (global demo index, demo) pairs."""
+    return [(i, demos[i]) for i in range(dp_rank, len(demos), dp_size)]
+
+
 def shard_for_rank(demos: list, dp_rank: int, dp_size: int) -> list[tuple[int, object]]:
     """Deterministic split across data-parallel ranks: demos sorted by length (longest first,
     ties by position) dealt round-robin, so ranks get similar token counts. Returns
@@ -51,7 +57,19 @@ def plan_micro_batches(lengths: list[list[int]], micro_batch_tokens: int | None,
     padded to the largest rows and length over replicas (EP collectives run in lockstep, and the
     allgather dispatcher needs equal token counts); `per_step` micro-batches make one step
     (a pipeline flush, and the unit of --resume)."""
-    packed = [_pack(replica, micro_batch_tokens) for replica in lengths]
+    return _steps(lengths, [_pack(replica, micro_batch_tokens) for replica in lengths], per_step)
+
+
+def plan_fixed_rows(lengths: list[list[int]], rows: int, per_step: int) -> list[list[MicroBatch]]:
+    """Like plan_micro_batches, but every micro-batch takes the next `rows` demos of a replica in
+    its order, whatever their lengths (a fixed batch size)."""
+    packed = [[list(range(i, min(i + rows, len(replica)))) for i in range(0, len(replica), rows)]
+              for replica in lengths]
+    return _steps(lengths, packed, per_step)
+
+
+def _steps(lengths: list[list[int]], packed: list[list[list[int]]], per_step: int) -> list[list[MicroBatch]]:
+    """Slot j of every replica padded to the largest rows and length over replicas, in steps."""
     total = max((len(g) for g in packed), default=0)
     slots = []
     for j in range(max(total, 1)):

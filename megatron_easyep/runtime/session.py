@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_easyep.progress import Progress
-from megatron_easyep.runtime.observer import Batch, StopMicroBatch, attach_all
-from megatron_easyep.runtime.schedule import MicroBatch, plan_micro_batches, shard_for_rank
+from megatron_easyep.runtime.observer import Batch, Observer, StopMicroBatch, attach_all
+from megatron_easyep.runtime.schedule import (MicroBatch, deal_in_order, plan_fixed_rows, plan_micro_batches,
+                                              shard_for_rank)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,14 @@ class ModelSession:
                                       micro_batch_tokens, per_step)
         return RunPlan(replicas, replicas[self.layout.dp_rank], schedule)
 
+    def plan_fixed_rows(self, demos: list, rows: int) -> RunPlan:
+        """`rows` demos per micro-batch in input order (a fixed batch size), one per step."""
+        dp = self.layout.data_parallel
+        replicas = [deal_in_order(demos, r, dp) for r in range(dp)]
+        schedule = plan_fixed_rows([[len(d.input_ids) for _, d in rep] for rep in replicas], rows,
+                                   self.default_per_step())
+        return RunPlan(replicas, replicas[self.layout.dp_rank], schedule)
+
     def default_per_step(self) -> int:
         """Micro-batches per step: 2 x PP lets the stages overlap; without PP one forward is a step."""
         pp = self.spec.pipeline_parallel
@@ -126,6 +135,23 @@ class ModelSession:
         input_ids, position_ids = pipeline.padded_batch([list(d.input_ids) for _, d in members],
                                                         slot.length, slot.rows, self.device)
         return Batch(slot, members, input_ids, position_ids)
+
+
+class LogitsCollector(Observer):
+    """Every demo's fp32 logits [T, V] on the CPU, from the last stage; `finalize` returns them in
+    demo order (this rank's demos: the caller gathers when there are several replicas)."""
+
+    def __init__(self):
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def after_micro_batch(self, batch: Batch, output) -> None:
+        if output is None:
+            return
+        for row, (index, demo) in enumerate(batch.members):
+            self.logits[index] = output[row, :len(demo.input_ids)].float().cpu()
+
+    def finalize(self, session) -> list[torch.Tensor]:
+        return [self.logits[i] for i in sorted(self.logits)]
 
 
 def forward_loop(session: ModelSession, plan: RunPlan, observers, *, start: int = 0, after_step=None,
