@@ -46,10 +46,13 @@ class NllObserver(Observer):
     """Per-domain next-token NLL sums from the last stage's logits; finalize all-reduces them and
     returns {domain: {"tokens", "nll", "ppl"}} on every rank."""
 
-    def __init__(self, domains: list[str], device):
+    def __init__(self, domains: list[str]):
         self.domains = domains
-        self.nll_sum = torch.zeros(len(domains), dtype=torch.float64, device=device)
-        self.count = torch.zeros(len(domains), dtype=torch.float64, device=device)
+
+    def setup(self, session) -> None:
+        device = next(session.model.parameters()).device
+        self.nll_sum = torch.zeros(len(self.domains), dtype=torch.float64, device=device)
+        self.count = torch.zeros(len(self.domains), dtype=torch.float64, device=device)
 
     def after_micro_batch(self, batch, output) -> None:
         if not batch.members or output is None:  # an empty slot, or not the last stage
@@ -103,10 +106,10 @@ def run_evaluation(run: EvalRun) -> dict:
     demo_list = demos_lib.load_demos(run.demos, run.hf_checkpoint, vocab_size=session.cfg.vocab_size,
                                      max_length=run.max_length)
     domains = list(dict.fromkeys(d.domain for d in demo_list))
-    layout = session.init_parallel()
-    session.load_model()
-    nll = NllObserver(domains, next(session.model.parameters()).device)
+    nll = NllObserver(domains)
     observers = [nll] + ([LogitsObserver(Path(run.dump_logits))] if run.dump_logits else [])
+    layout = session.init_parallel()
+    session.load_model(observers)
     # one demo per micro-batch (logits [T, vocab] are large); 2 x PP per step so stages overlap
     plan = session.plan(demo_list, None, 2 * run.pipeline_parallel)
     forward_loop(session, plan, observers, progress="evaluate")

@@ -219,12 +219,13 @@ class LoadObserver(Observer):
     """Per MoE layer: tokens Megatron's own routing map sends to each expert (real tokens only:
     one demo per micro-batch, its first len(demo) rows); finalize sums them over the world."""
 
-    def __init__(self, session):
+    tokens = 0
+
+    def setup(self, session) -> None:
         from megatron_easyep.mcore import pipeline
 
         self.layers = pipeline.moe_layer_ids(session.model.config)
         self.loads = torch.zeros(len(self.layers), session.cfg.n_routed_experts, dtype=torch.long)
-        self.tokens = 0
 
     def before_micro_batch(self, batch) -> None:
         self.tokens = batch.real_tokens
@@ -327,7 +328,8 @@ def _loads(session, demo_list) -> dict[int, torch.Tensor] | None:
 
     if not demo_list:
         return None
-    observer = LoadObserver(session)
+    observer = LoadObserver()
+    observer.setup(session)
     forward_loop(session, session.plan(demo_list, None, session.default_per_step()), [observer])
     return observer.finalize(session)
 

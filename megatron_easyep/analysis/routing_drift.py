@@ -239,14 +239,22 @@ class DriftObserver(Observer):
     one demo per micro-batch: the first len(demo) rows) both ways and add the drift sums per layer.
     finalize all-reduces them and returns (layer ids, [L, 5] float64 totals)."""
 
-    def __init__(self, session, plan: PrunedPlan):
+    def __init__(self, plan: PrunedPlan, pruned_dir, output=None):
+        self.plan, self.tokens = plan, 0
+        self.output = Path(output) if output else Path(pruned_dir) / DRIFT_FILE
+
+    def validate(self, session) -> None:
+        if self.output.is_dir():
+            raise RoutingDriftError(f"--output {self.output} is a directory")
+        if not self.output.resolve().parent.is_dir():
+            raise RoutingDriftError(f"the directory of --output {self.output} does not exist")
+
+    def setup(self, session) -> None:
         from megatron_easyep.mcore import pipeline
 
-        self.plan = plan
         # every stage's MoE layers (global ids); a stage fills its own rows, the all-reduce the rest
         self.layers = pipeline.moe_layer_ids(session.model.config)
         self.sums = {index: [0.0] * (len(SUM_KEYS) + 1) for index in self.layers}
-        self.tokens = 0
 
     def before_micro_batch(self, batch) -> None:
         self.tokens = batch.real_tokens
@@ -301,15 +309,6 @@ def _observe_routers(model, plan: PrunedPlan, state, sums: dict):
     return handles
 
 
-def _check_output(pruned_dir, output) -> Path:
-    output = Path(output) if output else Path(pruned_dir) / DRIFT_FILE
-    if output.is_dir():
-        raise RoutingDriftError(f"--output {output} is a directory")
-    if not output.resolve().parent.is_dir():
-        raise RoutingDriftError(f"the directory of --output {output} does not exist")
-    return output
-
-
 def _skipped_layers(plan: PrunedPlan, measured, num_hidden_layers: int) -> dict:
     skipped = {}
     for layer in sorted(plan.kept):
@@ -342,12 +341,12 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
                                             dtype=dtype, seed=seed, logits=False))
     demo_list = demos_lib.load_demos(demos, src_ckpt, vocab_size=session.cfg.vocab_size,
                                      max_length=max_length)
-    output = _check_output(pruned_dir, output)
+    drift = DriftObserver(plan, pruned_dir, output)
+    session.validate([drift])
     torch_dtype = session.dtype
 
     layout = session.init_parallel()
-    session.load_model()
-    drift = DriftObserver(session, plan)
+    session.load_model([drift])
     skipped = _skipped_layers(plan, drift.sums, session.cfg.num_hidden_layers)
     # one demo per micro-batch (the hooks take a micro-batch's first `tokens` rows as its real
     # tokens); 2 x PP per step so the stages overlap
@@ -362,7 +361,7 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
         if mismatched:
             print(f"warning: the recomputed original routing differs from the model's own for "
                   f"{mismatched} token-layers", file=sys.stderr, flush=True)
-        _write_json(output, report)
+        _write_json(drift.output, report)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return report

@@ -1,6 +1,8 @@
 """What a job measures on the shared forward loop, in the shape of llm-compressor's modifiers:
 
 * `validate(session)` runs before any weight is read (feasibility first, then compute);
+* `setup(session)` runs once the model is loaded (state sized from the model: its MoE layers,
+  this rank's stage and experts), before the loop (and before a resumed run's state is loaded);
 * `attached(session)` is a context manager that puts the observer's hooks on the loaded model
   and takes them off when the loop ends, by error too;
 * `before_micro_batch(batch)` runs on every stage right before a micro-batch enters it (the
@@ -51,6 +53,9 @@ class Observer:
     """Base class: every step is optional."""
 
     def validate(self, session) -> None:
+        pass
+
+    def setup(self, session) -> None:
         pass
 
     @contextlib.contextmanager

@@ -96,8 +96,13 @@ class ModelSession:
                                              stage_layers=self.stage_layers)
         return self.layout
 
-    def load_model(self):
-        """This rank's pipeline stage and experts, in eval mode."""
+    def validate(self, observers) -> None:
+        """Every observer's feasibility check, before anything slow runs."""
+        for observer in observers:
+            observer.validate(self)
+
+    def load_model(self, observers=()):
+        """This rank's pipeline stage and experts, in eval mode; then every observer's setup."""
         from megatron_easyep.mcore import model as model_lib
 
         spec = self.spec
@@ -105,6 +110,8 @@ class ModelSession:
             spec.hf_checkpoint, dtype=self.dtype, expert_parallel=spec.expert_parallel,
             dispatcher=spec.dispatcher, dequantize_at_load=spec.dequantize_at_load,
             stage_layers=self.stage_layers if spec.pipeline_parallel > 1 else None, logits=spec.logits)
+        for observer in observers:
+            observer.setup(self)
         return self.model
 
     def plan(self, demos: list, micro_batch_tokens: int | None, per_step: int) -> RunPlan:

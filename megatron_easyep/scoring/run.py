@@ -172,9 +172,9 @@ def run_scoring(run: ScoreRun) -> Path | None:
                                                      "max_length", "dtype", "layout", "fp8",
                                                      "batching")})
     _prepare_work(run, work, layout, run_id)
-    session.load_model()
+    observer = ScoreObserver(domains, len(demo_list), cprune_features=run.cprune_features)
+    session.load_model([observer])
     provenance["fp8"] = fp8_emulation.configure_fp8(session.model, fp8_mode, session.cfg)
-    observer = ScoreObserver(session, domains, len(demo_list), cprune_features=run.cprune_features)
     plan = session.plan(demo_list, run.micro_batch_tokens, per_step)
     provenance["batching"]["micro_batches"] = plan.micro_batches
     start = _resume(run, work, layout, observer.scorer, plan.steps)

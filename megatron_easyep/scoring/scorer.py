@@ -161,18 +161,24 @@ class ScoreObserver(Observer):
     as it is combined; finalize all-reduces the sums once (and, with `cprune_features`, runs every
     expert on the demos' pooled inputs)."""
 
-    def __init__(self, session, domains: list[str], num_demos: int, *, cprune_features: bool = False):
+    def __init__(self, domains: list[str], num_demos: int, *, cprune_features: bool = False):
+        self.domains, self.num_demos, self.cprune_features = domains, num_demos, cprune_features
+        self.scorer: ExpertScorer | None = None
+
+    def setup(self, session) -> None:
         from megatron.core import parallel_state
 
         from megatron_easyep.mcore import pipeline
 
-        self.domains, self.num_demos, self.cprune_features = domains, num_demos, cprune_features
+        if self.cprune_features:  # fails now, not after the whole run, if experts cannot be run one by one
+            for _, layer in patches.iter_moe_layers(session.model):
+                patches.local_experts(layer.mlp)
         self.device = session.device
         self.moe_layers = pipeline.moe_layer_ids(session.model.config)  # every stage's, global ids
         # tokens are counted on the first stage only; each stage fills the rows of its own layers
-        self.scorer = ExpertScorer(self.moe_layers, session.cfg.n_routed_experts, domains,
+        self.scorer = ExpertScorer(self.moe_layers, session.cfg.n_routed_experts, self.domains,
                                    ep_group=parallel_state.get_expert_model_parallel_group(),
-                                   device=self.device, pool_inputs=cprune_features,
+                                   device=self.device, pool_inputs=self.cprune_features,
                                    count_tokens=session.layout.first_stage)
 
     @contextlib.contextmanager
