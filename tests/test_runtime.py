@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_easyep.runtime.schedule import deal_in_order, plan_fixed_rows, plan_micro_batches, shard_for_rank
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,18 +92,58 @@ try:
     forward_loop(session, session.plan(demos, None, 2), [Stops()])
 except RuntimeError as e:
     out["stop_refused"] = str(e)
+
+# packed micro-batches (several demos per forward, padded) against one demo per forward
+from megatron_easyep.analysis.evaluation import NllObserver
+from megatron_easyep.analysis.rebalance import LoadObserver
+from megatron_easyep.runtime.session import LogitsCollector
+session = ModelSession.open(SessionSpec(sys.argv[1], logits=True))
+session.init_parallel()
+demos = [Demo(tuple((7 * i + 3 * j) % 100 + 1 for j in range(n)), "ab"[i % 2], str(i))
+         for i, n in enumerate((9, 4, 12, 6, 7))]
+runs = {}
+for name, budget in (("single", None), ("packed", 40)):
+    nll, logits, loads = NllObserver(["a", "b"]), LogitsCollector(), LoadObserver()
+    session.load_model([nll, logits, loads])
+    plan = session.plan(demos, budget, 1)
+    forward_loop(session, plan, [nll, logits, loads])
+    runs[name] = (nll.finalize(session), logits.finalize(session), loads.finalize(session), plan.micro_batches)
+(n1, l1, c1, m1), (n2, l2, c2, m2) = runs["single"], runs["packed"]
+out["micro_batches"] = [m1, m2]
+out["nll_diff"] = max(abs(n1[d]["nll"] - n2[d]["nll"]) for d in n1)
+out["tokens"] = [n1[d]["tokens"] for d in n1] + [n2[d]["tokens"] for d in n2]
+out["logits_diff"] = max(float((a - b).abs().max()) for a, b in zip(l1, l2))
+out["logits_shapes_equal"] = [a.shape for a in l1] == [b.shape for b in l2] == [(len(d.input_ids), a.shape[1]) for d, a in zip(demos, l1)]
+out["loads_equal"] = all(torch.equal(c1[k], c2[k]) for k in c1)
+out["loads_total"] = [int(c1[k].sum()) for k in c1]
 print(json.dumps(out))
 """
 
 
-def test_hooks_detach_when_the_loop_fails(tiny_ckpt):
+@pytest.fixture(scope="module")
+def worker(tiny_ckpt):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _WORKER, str(tiny_ckpt)], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_hooks_detach_when_the_loop_fails(worker):
+    out = worker
     assert out["error"] == "'observer failed'"
     assert out["tokens_seen"] == 8  # the scorer's hooks ran on the first demo before the failure
     assert out["hooks_during"] >= 8  # 2 MoE layers x (3 hooks + postprocess): the count sees them
     assert out["hooks_after_error"] == 0
     assert "one micro-batch per step" in out["stop_refused"]
+
+
+def test_observers_read_packed_micro_batches_like_single_demos(worker, tiny_ckpt):
+    """Evaluation's NLL, the logits and rebalancing's expert loads with several demos per forward
+    (padded rows) equal one demo per forward: padding is dropped per row, not per batch."""
+    out = worker
+    assert out["micro_batches"][0] == 5 and out["micro_batches"][1] < 5  # really packed
+    assert out["tokens"] == [9 + 12 + 7 - 3, 4 + 6 - 2] * 2
+    assert out["nll_diff"] < 1e-6 and out["logits_diff"] < 1e-5 and out["logits_shapes_equal"]
+    top_k = json.loads((tiny_ckpt / "config.json").read_text())["num_experts_per_tok"]
+    assert out["loads_equal"] and out["loads_total"] == [top_k * (9 + 4 + 12 + 6 + 7)] * len(out["loads_total"])

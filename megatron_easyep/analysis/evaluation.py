@@ -55,17 +55,17 @@ class NllObserver(Observer):
         self.count = torch.zeros(len(self.domains), dtype=torch.float64, device=device)
 
     def after_micro_batch(self, batch, output) -> None:
-        if not batch.members or output is None:  # an empty slot, or not the last stage
+        if output is None:  # not the last stage
             return
-        (_, demo), = batch.members
-        ids = list(demo.input_ids)
-        if len(ids) > 1:
-            logits = output[0, :len(ids)].float()
-            targets = torch.tensor(ids[1:], device=logits.device)
-            nll = F.cross_entropy(logits[:-1], targets, reduction="sum")
-            d = self.domains.index(demo.domain)
-            self.nll_sum[d] += nll.double()
-            self.count[d] += len(ids) - 1
+        for row, (_, demo) in enumerate(batch.members):
+            ids = list(demo.input_ids)
+            if len(ids) > 1:
+                logits = output[row, :len(ids)].float()
+                targets = torch.tensor(ids[1:], device=logits.device)
+                nll = F.cross_entropy(logits[:-1], targets, reduction="sum")
+                d = self.domains.index(demo.domain)
+                self.nll_sum[d] += nll.double()
+                self.count[d] += len(ids) - 1
 
     def finalize(self, session) -> dict:
         if dist.get_world_size() > 1:
@@ -85,10 +85,10 @@ class LogitsObserver(Observer):
         self.path, self.mine = path, {}
 
     def after_micro_batch(self, batch, output) -> None:
-        if not batch.members or output is None:
+        if output is None:
             return
-        (index, demo), = batch.members
-        self.mine[f"demo_{index}"] = output[0, :len(demo.input_ids)].float().cpu().contiguous()
+        for row, (index, demo) in enumerate(batch.members):
+            self.mine[f"demo_{index}"] = output[row, :len(demo.input_ids)].float().cpu().contiguous()
 
     def finalize(self, session) -> None:
         _write_logits(self.path, self.mine, session.layout)

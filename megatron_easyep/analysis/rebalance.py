@@ -216,10 +216,10 @@ class PreparedRebalance:
 
 
 class LoadObserver(Observer):
-    """Per MoE layer: tokens Megatron's own routing map sends to each expert (real tokens only:
-    one demo per micro-batch, its first len(demo) rows); finalize sums them over the world."""
+    """Per MoE layer: tokens Megatron's own routing map sends to each expert (real tokens only);
+    finalize sums them over the world."""
 
-    tokens = 0
+    batch = None
 
     def setup(self, session) -> None:
         from megatron_easyep.mcore import pipeline
@@ -228,14 +228,14 @@ class LoadObserver(Observer):
         self.loads = torch.zeros(len(self.layers), session.cfg.n_routed_experts, dtype=torch.long)
 
     def before_micro_batch(self, batch) -> None:
-        self.tokens = batch.real_tokens
+        self.batch = batch
 
     @contextlib.contextmanager
     def attached(self, session):
         from megatron_easyep.mcore.patches import iter_moe_layers
 
         def hook(module, args, output, row):
-            routing_map = output[1].reshape(-1, self.loads.shape[1])[:self.tokens]
+            routing_map = self.batch.real_rows(output[1].reshape(-1, self.loads.shape[1]))
             self.loads[row] += routing_map.long().sum(0).cpu()
 
         handles = [block.mlp.router.register_forward_hook(
@@ -261,19 +261,18 @@ class RouterInputObserver(Observer):
     the ranks of the stage that holds the layer (None elsewhere)."""
 
     def __init__(self, session, router):
-        self.router, self.rows, self.demo = router, {}, None
+        self.router, self.rows, self.batch = router, {}, None
         self.stop = session.layout.pipeline_parallel == 1
 
     def before_micro_batch(self, batch) -> None:
-        self.demo = batch.members[0] if batch.members else None
+        self.batch = batch
 
     @contextlib.contextmanager
     def attached(self, session):
         def hook(module, args, output):
-            if self.demo is not None:
-                index, demo = self.demo
-                x = args[0]
-                self.rows[index] = x.reshape(-1, x.shape[-1])[:len(demo.input_ids)].float()
+            x = args[0]
+            for index, rows in self.batch.demo_rows(x.reshape(-1, x.shape[-1])):
+                self.rows[index] = rows.float()
             if self.stop:
                 raise StopMicroBatch
 

@@ -235,12 +235,12 @@ def load_pruned_plan(src_ckpt, pruned_dir) -> PrunedPlan:
 # --------------------------------------------------------------------------------------------
 
 class DriftObserver(Observer):
-    """Forward hooks on every MoE layer's router: route its input (this micro-batch's real tokens,
-    one demo per micro-batch: the first len(demo) rows) both ways and add the drift sums per layer.
+    """Forward hooks on every MoE layer's router: route its input (this micro-batch's real tokens)
+    both ways and add the drift sums per layer.
     finalize all-reduces them and returns (layer ids, [L, 5] float64 totals)."""
 
     def __init__(self, plan: PrunedPlan, pruned_dir, output=None):
-        self.plan, self.tokens = plan, 0
+        self.plan, self.batch = plan, None
         self.output = Path(output) if output else Path(pruned_dir) / DRIFT_FILE
 
     def validate(self, session) -> None:
@@ -257,7 +257,7 @@ class DriftObserver(Observer):
         self.sums = {index: [0.0] * (len(SUM_KEYS) + 1) for index in self.layers}
 
     def before_micro_batch(self, batch) -> None:
-        self.tokens = batch.real_tokens
+        self.batch = batch
 
     @contextlib.contextmanager
     def attached(self, session):
@@ -279,8 +279,8 @@ class DriftObserver(Observer):
 
 
 def _observe_routers(model, plan: PrunedPlan, state, sums: dict):
-    """Forward hooks on every MoE layer's router: route its input (this rank's real tokens, the
-    first state.tokens rows) both ways and add the drift sums to sums[hf_layer]."""
+    """Forward hooks on every MoE layer's router: route its input (this rank's real tokens of
+    state.batch, padding dropped) both ways and add the drift sums to sums[hf_layer]."""
     from megatron_easyep.mcore.patches import iter_moe_layers
 
     handles = []
@@ -291,12 +291,11 @@ def _observe_routers(model, plan: PrunedPlan, state, sums: dict):
         bias = router.expert_bias.detach().float().clone()
 
         def hook(module, args, output, index=index, weight=weight, bias=bias):
-            n = state.tokens
-            if n == 0:
+            if state.batch is None or state.batch.real_tokens == 0:
                 return
             x = args[0]
-            x = x.reshape(-1, x.shape[-1])[:n]
-            routing_map = output[1].reshape(-1, weight.shape[0])[:n]
+            x = state.batch.real_rows(x.reshape(-1, x.shape[-1]))
+            routing_map = state.batch.real_rows(output[1].reshape(-1, weight.shape[0]))
             got = layer_drift(x, weight, bias, plan.kept[index], plan.original, plan.pruned,
                               megatron_routing_map=routing_map,
                               disabled_ids=plan.disabled.get(index, ()),
@@ -348,8 +347,7 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
     layout = session.init_parallel()
     session.load_model([drift])
     skipped = _skipped_layers(plan, drift.sums, session.cfg.num_hidden_layers)
-    # one demo per micro-batch (the hooks take a micro-batch's first `tokens` rows as its real
-    # tokens); 2 x PP per step so the stages overlap
+    # one demo per micro-batch; 2 x PP per step so the stages overlap
     forward_loop(session, session.plan(demo_list, None, 2 * pipeline_parallel), [drift],
                  progress="routing drift")
     totals = drift.finalize(session)

@@ -42,6 +42,21 @@ class Batch:
     def real_tokens(self) -> int:
         return sum(len(demo.input_ids) for _, demo in self.members)
 
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of a per-token tensor x [length * rows, ...] (sequence-major: Megatron's token
+        order inside a layer) that are real tokens, padding dropped."""
+        if self.rows == 1:
+            return x[:self.real_tokens]
+        lengths = torch.tensor([len(demo.input_ids) for _, demo in self.members]
+                               + [0] * (self.rows - len(self.members)), device=x.device)
+        mask = torch.arange(self.length, device=x.device)[:, None] < lengths[None, :]
+        return x[mask.reshape(-1)]
+
+    def demo_rows(self, x: torch.Tensor):
+        """(global demo index, that demo's rows of x [length * rows, ...]) for every demo."""
+        by_row = x.reshape(self.length, self.rows, *x.shape[1:])
+        return [(index, by_row[:len(demo.input_ids), row]) for row, (index, demo) in enumerate(self.members)]
+
 
 class StopMicroBatch(Exception):
     """Raised from a hook once an observer has what it needs from a micro-batch: the rest of that
