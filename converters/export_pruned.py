@@ -4,7 +4,12 @@
         --keep 128 --metric easyep [--domains math,code --domain-weights 1,2] \
         [--group-policy equal-per-group|collapse] [--target-ep 8] [--seed 0] \
         [--mtp prune|drop] [--allow-unexpected-tensors] [--overwrite] \
-        [--rebalance-bias --demos FILE:DOMAIN [--rebalance-steps N] [--rebalance-step-size S]]
+        [--rebalance-bias --demos FILE:DOMAIN [--rebalance-steps N] [--rebalance-step-size S]
+         [--expert-parallel EP] [--pipeline-parallel PP]]
+
+The fit of --rebalance-bias runs on one process, or on a torchrun world with a PP x EP layout like
+scoring (`torchrun --nproc-per-node 4 converters/export_pruned.py ... --expert-parallel 2
+--pipeline-parallel 2`): rank 0 exports, every rank takes part in the fit, rank 0 publishes.
 
 --rebalance-bias (off by default) re-fits the kept experts' e_score_correction_bias on the
 demonstrations with DeepSeek's aux-loss-free rule, layer by layer in Megatron-Core
@@ -18,6 +23,7 @@ any output exists.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_easyep.analysis.rebalance import DEFAULT_ITERATIONS, DEFAULT_STEP, RebalanceRequest
@@ -79,7 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"bias change per iteration, in sigmoid-score units (default {DEFAULT_STEP})")
     rebalance.add_argument("--max-length", type=int, default=None,
                            help="keep each demonstration's first N tokens (default: all)")
+    rebalance.add_argument("--expert-parallel", type=int, default=1,
+                           help="EP of the fit's Megatron model (under torchrun; default 1)")
+    rebalance.add_argument("--pipeline-parallel", type=int, default=1,
+                           help="PP of the fit's Megatron model (under torchrun; default 1)")
+    rebalance.add_argument("--pipeline-layout", default=None,
+                           help="decoder layers per pipeline stage, e.g. 16,15,15,15 (default: even split)")
     return parser
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,12 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.demos or args.rebalance_heldout) and not args.rebalance_bias:
         parser.error("--demos and --rebalance-heldout are only used by --rebalance-bias")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.rebalance_bias:
+        parser.error("several ranks (torchrun) are only used by --rebalance-bias")
+    rebalance = None
     try:
-        rebalance = None
         if args.rebalance_bias:  # demonstrations are read and checked before anything is written
             rebalance = RebalanceRequest(tuple(args.demos), step=args.rebalance_step_size,
                                          iterations=args.rebalance_steps, max_length=args.max_length,
-                                         heldout=tuple(args.rebalance_heldout)).prepare(args.hf_checkpoint)
+                                         heldout=tuple(args.rebalance_heldout),
+                                         expert_parallel=args.expert_parallel,
+                                         pipeline_parallel=args.pipeline_parallel,
+                                         pipeline_layout=args.pipeline_layout).prepare(args.hf_checkpoint)
+        if _rank() != 0:  # the other ranks of a multi-rank fit: rank 0 exports, all fit
+            return 0 if rebalance.follow() else USAGE_ERROR
         scores = load_scores(args.scores)
         config = DeepseekV3Config.load(args.hf_checkpoint)
         selection = select_for_checkpoint(
@@ -120,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # CheckpointError, SelectionError, ExportError, RebalanceError, I/O
         print(f"export_pruned: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    finally:
+        if rebalance is not None and _rank() == 0:
+            rebalance.abandon()  # other ranks waiting for a staged export stop (no-op once announced)
     print(
         f"wrote {report.path}: {report.num_tensors} tensors, {report.total_size / 2**20:.1f} MiB, "
         f"{selection.keep}/{selection.n_routed_experts} experts per layer "

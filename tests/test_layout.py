@@ -11,7 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "megatron_easyep"
 # A stage may import from stages of lower rank, and from itself; never upwards or sideways.
-RANK = {"checkpoint": 0, "mcore": 1, "scoring": 2, "pruning": 2, "analysis": 3, "training": 3}
+# runtime (the shared run driver) sits between the model (mcore) and the jobs that drive it.
+RANK = {"checkpoint": 0, "mcore": 1, "runtime": 1.5, "scoring": 2, "pruning": 2, "analysis": 3, "training": 3}
 
 
 def _modules() -> list[str]:

@@ -49,6 +49,10 @@ LAUNCHES = {
     "pp2_layout12_micro": (2, ["--pipeline-parallel", 2, "--pipeline-layout", "1,2",
                                "--micro-batch-tokens", 120]),
     "pp2_ep2": (4, ["--pipeline-parallel", 2, "--expert-parallel", 2]),
+    # C-Prune features: one process, one demo per forward vs PP=2 x EP=2 with packed micro-batches
+    "pp1_cprune": (0, ["--cprune-features"]),
+    "pp2_ep2_micro_cprune": (4, ["--pipeline-parallel", 2, "--expert-parallel", 2,
+                                 "--micro-batch-tokens", 120, "--cprune-features"]),
 }
 RESUME_ARGS = ["--pipeline-parallel", 2, "--checkpoint-every", 1, "--micro-batches-per-step", 1]
 
@@ -103,7 +107,6 @@ def _bad_cases():
         "layout_wrong_stage_count": (["--pipeline-parallel", 2, "--pipeline-layout", "1,1,1"],
                                      ["--pipeline-layout", "3 stages", "--pipeline-parallel is 2"]),
         "pp_larger_than_layers": (["--pipeline-parallel", 4], ["--pipeline-parallel 4", "num_hidden_layers=3"]),
-        "cprune_under_pp": (["--pipeline-parallel", 2, "--cprune-features"], ["--cprune-features"]),
         # control: a good layout on the same checkpoint fails at the first weight read, which
         # proves the cases above were refused before any weight was read
         "control_reads_weights": ([], ["model-00001-of-00003.safetensors", "does not exist"]),
@@ -155,7 +158,8 @@ def launches(ckpt, demo_files, tmp_path_factory):
                                             cwd=REPO, env=_env()), output)
         return {name: (proc.wait(TIMEOUT), proc.stderr.read(), output) for name, (proc, output) in procs.items()}
 
-    futures = {"resume": pool.submit(resume), "pp2_ep2": pool.submit(plain, "pp2_ep2")}
+    futures = {"resume": pool.submit(resume), "pp2_ep2": pool.submit(plain, "pp2_ep2"),
+               "pp2_ep2_micro_cprune": pool.submit(plain, "pp2_ep2_micro_cprune")}
     futures["worker"] = pool.submit(worker)
     for name in LAUNCHES:
         if name not in futures:
@@ -222,6 +226,30 @@ def test_pp2_ep2_on_four_ranks_matches_ep1(launches):
     assert info["layout"] | {"backend": None} == {
         "world_size": 4, "tensor_parallel": 1, "pipeline_parallel": 2, "expert_parallel": 2,
         "data_parallel": 2, "backend": None, "stage_layers": [2, 1]}
+
+
+def test_cprune_features_under_pp2_ep2_with_micro_batches_match_one_process(launches, ckpt):
+    """C-Prune's features made on 4 ranks (PP=2 x EP=2, demos packed into micro-batches) are the
+    one-process features (one demo per forward) within 1e-6, and select the same experts."""
+    import numpy as np
+
+    from megatron_easyep.pruning import cprune
+
+    _, info = _scores(launches, "pp2_ep2_micro_cprune")
+    _scores(launches, "pp1_cprune")
+    assert info["batching"]["micro_batches"] < len(MATH) + len(CODE)  # demos really were packed
+    ref = load_file(launches["pp1_cprune"].result()[0] / "cprune_features.safetensors")
+    got = load_file(launches["pp2_ep2_micro_cprune"].result()[0] / "cprune_features.safetensors")
+    for key in ("features", "pooled_inputs"):
+        assert got[key].shape == ref[key].shape, key
+        scale = ref[key].abs().max().item()
+        assert scale > 0 and (got[key] - ref[key]).abs().max().item() <= 1e-6 * max(scale, 1.0), key
+    config = DeepseekV3Config.load(ckpt)
+    layers = info["layers"]
+    for keep in (2, 4, 6):
+        chosen = [cprune.cprune_selection(config, np.asarray(f["features"]), range(len(MATH) + len(CODE)),
+                                          keep, "collapse", None, layers).kept for f in (ref, got)]
+        assert chosen[0] == chosen[1], keep
 
 
 def test_killed_pp_run_resumes_to_identical_scores(launches):

@@ -378,3 +378,48 @@ def test_failed_finalize_publishes_nothing(e2e, tmp_path):
     with pytest.raises(ValueError, match="fit failed"):
         export_pruned(e2e["src"], tmp_path / "out", e2e["selection"], finalize=finalize)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# multi-rank: the fit under torchrun (EP, PP x EP) against the one-process fit
+# --------------------------------------------------------------------------------------------
+
+TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
+
+
+def _bias_values(ckpt_dir, layers) -> dict[int, torch.Tensor]:
+    stored = _tensors(ckpt_dir)
+    return {layer: torch.frombuffer(bytearray(stored[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"][2]),
+                                    dtype=torch.float32) for layer in layers}
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, ["--expert-parallel", 2]),
+                                          (4, ["--expert-parallel", 2, "--pipeline-parallel", 2])])
+def test_multi_rank_fit_matches_one_process(e2e, nproc, layout):
+    """The same CLI request as the one-process `cli` run, on 2 ranks (EP 2) and 4 ranks (PP 2 x EP 2):
+    the same biases within 1e-6, the same loads and chosen iterates, and the same published bytes
+    everywhere else."""
+    _result(e2e, "cli")
+    root, moe = e2e["root"], e2e["config"].moe_layer_ids
+    dst = root / f"rebalanced_{nproc}"
+    proc = _run([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", EXPORT_CLI,
+                 "--hf-checkpoint", e2e["src"], "--scores", root / "scores", "--output", dst, "--keep", 12,
+                 "--metric", "gate", "--rebalance-bias", "--demos", f"{e2e['demos']}:math",
+                 "--rebalance-steps", 400, "--rebalance-heldout", f"{e2e['heldout']}:math", *layout])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not [p for p in root.iterdir() if p.name.startswith(f".rebalanced_{nproc}")], "staging left behind"
+    one, many = _bias_values(root / "rebalanced", moe), _bias_values(dst, moe)
+    for layer in moe:
+        assert (one[layer] - many[layer]).abs().max() <= 1e-6, (layer, one[layer], many[layer])
+    ref = json.loads((root / "rebalanced" / "pruning.json").read_text())["rebalance_bias"]
+    got = json.loads((dst / "pruning.json").read_text())["rebalance_bias"]
+    for layer in map(str, moe):
+        for key in ("loads_before", "loads_after", "chosen_iteration", "megatron_vs_fit_load_difference"):
+            assert got["per_layer"][layer][key] == ref["per_layer"][layer][key], (layer, key)
+        assert got["heldout"]["per_layer"][layer]["loads_after"] == ref["heldout"]["per_layer"][layer]["loads_after"]
+    assert got["skipped_layers"] == ref["skipped_layers"] and got["tokens"] == ref["tokens"]
+    plain, rebalanced = _tensors(root / "rebalanced"), _tensors(dst)
+    assert plain.keys() == rebalanced.keys()
+    for name, value in plain.items():
+        if not name.endswith("e_score_correction_bias"):
+            assert rebalanced[name] == value, name

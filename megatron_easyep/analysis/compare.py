@@ -72,7 +72,6 @@ import torch
 from megatron_easyep.analysis.measures import (
     OVERLAP_METRICS,
     domain_selection,
-    forward_batched,
     measure,
     overlap,
     overlap_between_domains,
@@ -220,15 +219,33 @@ def load_heldout(run: CompareRun, config) -> dict[str, list[list[int]]]:
     return out
 
 
-def evaluate_checkpoint(ckpt_dir, heldout, refs, dtype, batch_size) -> dict[str, dict]:
-    _, model = model_lib.load_megatron_model(str(ckpt_dir), dtype=dtype)
+def held_out_logits(ckpt_dir, heldout: dict[str, list[list[int]]], dtype: str | None, batch_size: int,
+                    seed: int) -> dict[str, list[torch.Tensor]]:
+    """fp32 logits [len, V] of every held-out sequence per domain, `batch_size` sequences per
+    forward in file order (right-padded; attention is causal and routing dropless, so padding never
+    changes a real position), on the shared model session (one process)."""
+    from megatron_easyep.runtime.session import LogitsCollector, ModelSession, SessionSpec, forward_loop
+    from megatron_easyep.scoring.demos import Demo
+
+    session = ModelSession.open(SessionSpec(str(ckpt_dir), dtype=dtype, seed=seed))
+    session.init_parallel()
+    session.load_model()
     try:
-        with torch.no_grad():
-            return {d: measure(refs[d], forward_batched(model, seqs, batch_size))
-                    for d, seqs in heldout.items()}
+        out = {}
+        for domain, seqs in heldout.items():
+            demos = [Demo(tuple(ids), domain, f"held-out {domain} #{i}") for i, ids in enumerate(seqs)]
+            collector = LogitsCollector()
+            forward_loop(session, session.plan_fixed_rows(demos, batch_size), [collector])
+            out[domain] = collector.finalize(session)
+        return out
     finally:
-        del model
+        session.model = None
         gc.collect()
+
+
+def evaluate_checkpoint(ckpt_dir, heldout, refs, dtype: str | None, batch_size: int, seed: int) -> dict[str, dict]:
+    logits = held_out_logits(ckpt_dir, heldout, dtype, batch_size, seed)
+    return {d: measure(refs[d], logits[d]) for d in heldout}
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,15 +287,7 @@ def _validate(run: CompareRun, config) -> None:
         raise CompareError(f"demo counts must be positive, got {run.demo_counts}")
 
 
-def run_compare(run: CompareRun) -> Path:
-    from megatron_easyep.mcore import parallel
-    from megatron_easyep.pruning.export import export_pruned
-    from megatron_easyep.checkpoint.reader import DeepseekV3Config
-    from megatron_easyep.scoring.run import ScoreRun, run_scoring
-
-    started = time.perf_counter()
-    config = DeepseekV3Config.load(run.hf_checkpoint)
-    _validate(run, config)
+def _check_output(run: CompareRun) -> Path:
     output = Path(run.output).resolve()
     if run.resume and run.overwrite:
         raise CompareError("--resume and --overwrite exclude each other")
@@ -287,10 +296,93 @@ def run_compare(run: CompareRun) -> Path:
     if output.exists() and not (run.overwrite or run.resume):
         raise CompareError(f"output directory {output} exists; pass --overwrite to replace it "
                            "(or --resume to continue an interrupted run)")
+    return output
+
+
+def _pruned_models(run: CompareRun, output: Path, config, scored, heldout, refs, dtype: str, fingerprint: str):
+    """Export and evaluate every requested selection (identical selections once; stored ones of
+    an interrupted run reused). Returns (selections, csv rows, evaluations by id, how many resumed)."""
+    from megatron_easyep.pruning.export import export_pruned
+
+    scores, features, ranges = scored
+    requests = build_requests(run, list(scores.domains), config)
+    selections, rows, evaluated, resumed = {}, [], {}, 0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".compare-exports-", dir=output) as tmp:
+        for i, req in enumerate(requests, 1):
+            sel = make_selection(req, scores, config, features, ranges)
+            sid = selection_id(sel)
+            selections[f"{req.criterion}|{req.seed}|{req.selection_domain}|{req.keep}"] = {
+                **asdict(req), "selection_id": sid,
+                "kept": {str(k): list(v) for k, v in sel.kept.items()},
+                "disabled": {str(k): list(v) for k, v in (sel.disabled or {}).items()}}
+            note = ""
+            if sid not in evaluated:
+                stored = _load_evaluation(output, sid, fingerprint) if run.resume else None
+                if stored is not None:
+                    evaluated[sid] = stored
+                    resumed += 1
+                    note = " (from the interrupted run)"
+                else:
+                    dst = Path(tmp) / sid
+                    export_pruned(run.hf_checkpoint, dst, sel, mtp="drop", overwrite=True)
+                    evaluated[sid] = evaluate_checkpoint(dst, heldout, refs, dtype, run.batch_size, run.seed)
+                    shutil.rmtree(dst, ignore_errors=True)
+                    _store_evaluation(output, sid, fingerprint, evaluated[sid])
+            else:
+                note = " (same selection as an earlier one: reused)"
+            result = evaluated[sid]
+            for d, r in result.items():
+                rows.append({"criterion": req.criterion, "seed": "" if req.seed is None else req.seed,
+                             "selection_domain": req.selection_domain, "keep": req.keep,
+                             "n_routed_experts": config.n_routed_experts, "group_policy": req.group_policy,
+                             "eval_domain": d, **r, "selection_id": sid})
+            elapsed = time.perf_counter() - t0
+            _log(f"{i}/{len(requests)} {req.label}: " + ", ".join(
+                f"{d} KL {r['kl']:.4f} top1 {r['top1']:.3f} ppl {r['ppl']:.2f}" for d, r in result.items())
+                + f"{note}  [{len(evaluated)} models, {elapsed:.0f} s]")
+    return selections, rows, evaluated, resumed
+
+
+
+def _write_outputs(run: CompareRun, output: Path, config, heldout, refs, timings: dict, started: float,
+                   results) -> None:
+    """results.csv, the overlap CSVs, selections.json, table.md, the plots and summary.json."""
+    rows, selections, demos_overlap, domains_overlap, overlap_keep, scores = results
+    write_csv(output / "results.csv", rows, CSV_FIELDS)
+    write_csv(output / "overlap_demos.csv", demos_overlap, DEMOS_OVERLAP_FIELDS)
+    write_csv(output / "overlap_domains.csv", domains_overlap, DOMAINS_OVERLAP_FIELDS)
+    io.write_json_atomic(output / "selections.json", selections, indent=1)
+    summary = {"format": SUMMARY_FORMAT, "run": asdict(run),
+               "checkpoint_config_hash": config.config_hash, "domains": list(scores.domains),
+               "heldout_domains": list(heldout),
+               "heldout_sequences": {d: len(s) for d, s in heldout.items()},
+               "heldout_tokens": {d: r.tokens for d, r in refs.items()},
+               "full_ppl": {d: math.exp(r.nll) for d, r in refs.items()},
+               "group_policy_by_keep": {str(k): group_policy_for(k, config) for k in run.keeps},
+               "overlap_keep": overlap_keep,
+               "random_seeds": [run.seed + i for i in range(run.random_seeds)]
+               if RANDOM_METRIC in run.criteria else [],
+               "timings": timings}
+    write_reports(output, summary, rows, scores, config, demos_overlap, domains_overlap)
+    timings["total_s"] = time.perf_counter() - started
+    io.write_json_atomic(output / "summary.json", summary, indent=1)
+
+
+def run_compare(run: CompareRun) -> Path:
+    from megatron_easyep.mcore import parallel
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.scoring.run import ScoreRun, run_scoring
+
+    started = time.perf_counter()
+    config = DeepseekV3Config.load(run.hf_checkpoint)
+    _validate(run, config)
+    output = _check_output(run)
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
-    dtype = model_lib.resolve_dtype(run.dtype, config)
+    # the source's compute dtype, by name, for every model here (pruned ones included)
+    dtype = str(model_lib.resolve_dtype(run.dtype, config)).replace("torch.", "")
     heldout = load_heldout(run, config)  # validates the files before any compute
     if run.overwrite:
         shutil.rmtree(output / EVALUATIONS, ignore_errors=True)
@@ -317,52 +409,17 @@ def run_compare(run: CompareRun) -> Path:
 
     # 2. the full model's reference distributions
     t0 = time.perf_counter()
-    _, full = model_lib.load_megatron_model(run.hf_checkpoint, dtype=dtype)
-    with torch.no_grad():
-        refs = {d: reference_of(seqs, forward_batched(full, seqs, run.batch_size)) for d, seqs in heldout.items()}
+    full = held_out_logits(run.hf_checkpoint, heldout, dtype, run.batch_size, run.seed)
+    refs = {d: reference_of(seqs, full[d]) for d, seqs in heldout.items()}
     del full
-    gc.collect()
     timings["reference_s"] = time.perf_counter() - t0
     _log("full model on held-out: " + ", ".join(
         f"{d} {r.tokens} tokens ppl {math.exp(r.nll):.3f}" for d, r in refs.items()))
 
     # 3. every pruned model
-    requests = build_requests(run, domains, config)
-    selections, rows, evaluated, resumed = {}, [], {}, 0
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".compare-exports-", dir=output) as tmp:
-        for i, req in enumerate(requests, 1):
-            sel = make_selection(req, scores, config, features, ranges)
-            sid = selection_id(sel)
-            selections[f"{req.criterion}|{req.seed}|{req.selection_domain}|{req.keep}"] = {
-                **asdict(req), "selection_id": sid,
-                "kept": {str(k): list(v) for k, v in sel.kept.items()},
-                "disabled": {str(k): list(v) for k, v in (sel.disabled or {}).items()}}
-            note = ""
-            if sid not in evaluated:
-                stored = _load_evaluation(output, sid, fingerprint) if run.resume else None
-                if stored is not None:
-                    evaluated[sid] = stored
-                    resumed += 1
-                    note = " (from the interrupted run)"
-                else:
-                    dst = Path(tmp) / sid
-                    export_pruned(run.hf_checkpoint, dst, sel, mtp="drop", overwrite=True)
-                    evaluated[sid] = evaluate_checkpoint(dst, heldout, refs, dtype, run.batch_size)
-                    shutil.rmtree(dst, ignore_errors=True)
-                    _store_evaluation(output, sid, fingerprint, evaluated[sid])
-            else:
-                note = " (same selection as an earlier one: reused)"
-            result = evaluated[sid]
-            for d, r in result.items():
-                rows.append({"criterion": req.criterion, "seed": "" if req.seed is None else req.seed,
-                             "selection_domain": req.selection_domain, "keep": req.keep,
-                             "n_routed_experts": config.n_routed_experts, "group_policy": req.group_policy,
-                             "eval_domain": d, **r, "selection_id": sid})
-            elapsed = time.perf_counter() - t0
-            _log(f"{i}/{len(requests)} {req.label}: " + ", ".join(
-                f"{d} KL {r['kl']:.4f} top1 {r['top1']:.3f} ppl {r['ppl']:.2f}" for d, r in result.items())
-                + f"{note}  [{len(evaluated)} models, {elapsed:.0f} s]")
+    selections, rows, evaluated, resumed = _pruned_models(run, output, config, (scores, features, ranges),
+                                                          heldout, refs, dtype, fingerprint)
     timings["pruned_models_s"] = time.perf_counter() - t0
     timings["pruned_models"] = len(evaluated)
     timings["pruned_models_from_interrupted_run"] = resumed  # their time is not in pruned_models_s
@@ -376,24 +433,8 @@ def run_compare(run: CompareRun) -> Path:
     timings["overlap_s"] = time.perf_counter() - t0
 
     # 5. files
-    write_csv(output / "results.csv", rows, CSV_FIELDS)
-    write_csv(output / "overlap_demos.csv", demos_overlap, DEMOS_OVERLAP_FIELDS)
-    write_csv(output / "overlap_domains.csv", domains_overlap, DOMAINS_OVERLAP_FIELDS)
-    io.write_json_atomic(output / "selections.json", selections, indent=1)
-    summary = {"format": SUMMARY_FORMAT, "run": asdict(run),
-               "checkpoint_config_hash": config.config_hash, "domains": domains,
-               "heldout_domains": list(heldout),
-               "heldout_sequences": {d: len(s) for d, s in heldout.items()},
-               "heldout_tokens": {d: r.tokens for d, r in refs.items()},
-               "full_ppl": {d: math.exp(r.nll) for d, r in refs.items()},
-               "group_policy_by_keep": {str(k): group_policy_for(k, config) for k in run.keeps},
-               "overlap_keep": overlap_keep,
-               "random_seeds": [run.seed + i for i in range(run.random_seeds)]
-               if RANDOM_METRIC in run.criteria else [],
-               "timings": timings}
-    write_reports(output, summary, rows, scores, config, demos_overlap, domains_overlap)
-    timings["total_s"] = time.perf_counter() - started
-    io.write_json_atomic(output / "summary.json", summary, indent=1)
+    _write_outputs(run, output, config, heldout, refs, timings, started,
+                   (rows, selections, demos_overlap, domains_overlap, overlap_keep, scores))
     _log(f"wrote {output} ({len(evaluated)} pruned models, {timings['total_s']:.0f} s)")
     return output
 

@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_easyep.checkpoint import io
+from megatron_easyep.runtime.observer import Observer
+from megatron_easyep.runtime.session import ModelSession, SessionSpec, forward_loop
 from megatron_easyep.scoring import demos as demos_lib
 
 
@@ -40,80 +43,87 @@ class EvalError(ValueError):
     pass
 
 
+class NllObserver(Observer):
+    """Per-domain next-token NLL sums from the last stage's logits; finalize all-reduces them and
+    returns {domain: {"tokens", "nll", "ppl"}} on every rank."""
+
+    def __init__(self, domains: list[str]):
+        self.domains = domains
+
+    def setup(self, session) -> None:
+        device = next(session.model.parameters()).device
+        self.nll_sum = torch.zeros(len(self.domains), dtype=torch.float64, device=device)
+        self.count = torch.zeros(len(self.domains), dtype=torch.float64, device=device)
+
+    def after_micro_batch(self, batch, output) -> None:
+        if output is None:  # not the last stage
+            return
+        for row, (_, demo) in enumerate(batch.members):
+            ids = list(demo.input_ids)
+            if len(ids) > 1:
+                logits = output[row, :len(ids)].float()
+                targets = torch.tensor(ids[1:], device=logits.device)
+                nll = F.cross_entropy(logits[:-1], targets, reduction="sum")
+                d = self.domains.index(demo.domain)
+                self.nll_sum[d] += nll.double()
+                self.count[d] += len(ids) - 1
+
+    def finalize(self, session) -> dict:
+        if dist.get_world_size() > 1:
+            dist.all_reduce(self.nll_sum)
+            dist.all_reduce(self.count)
+        results = {}
+        for d, domain in enumerate(self.domains):
+            mean = (self.nll_sum[d] / self.count[d]).item() if self.count[d] > 0 else float("nan")
+            results[domain] = {"tokens": int(self.count[d]), "nll": mean, "ppl": math.exp(mean)}
+        return results
+
+
+class LogitsObserver(Observer):
+    """Every demo's fp32 logits [T, vocab]; finalize writes them to one file (rank 0 merges)."""
+
+    def __init__(self, path: Path):
+        self.path, self.mine = path, {}
+
+    def after_micro_batch(self, batch, output) -> None:
+        if output is None:
+            return
+        for row, (index, demo) in enumerate(batch.members):
+            self.mine[f"demo_{index}"] = output[row, :len(demo.input_ids)].float().cpu().contiguous()
+
+    def finalize(self, session) -> None:
+        _write_logits(self.path, self.mine, session.layout)
+
+
 def run_evaluation(run: EvalRun) -> dict:
     """Returns {domain: {"tokens", "nll", "ppl"}} (on every rank); rank 0 prints the table and
     writes the logits file (tensors demo_{i} [T, vocab] fp32, in input order). Under pipeline
     parallelism the last stage computes the logits and the NLL; the sums are all-reduced."""
-    from megatron_easyep.mcore import parallel, pipeline
-    from megatron_easyep.mcore import model as model_lib
-    from megatron_easyep.checkpoint.reader import DeepseekV3Config
-    from megatron_easyep.scoring.run import plan_micro_batches
-
-    cfg = DeepseekV3Config.load(run.hf_checkpoint)
-    stage_layers = pipeline.stage_layer_counts(cfg.num_hidden_layers, run.pipeline_parallel,
-                                               run.pipeline_layout, source=str(cfg.source))
+    session = ModelSession.open(SessionSpec(run.hf_checkpoint, expert_parallel=run.expert_parallel,
+                                            pipeline_parallel=run.pipeline_parallel,
+                                            pipeline_layout=run.pipeline_layout, dispatcher=run.dispatcher,
+                                            dtype=run.dtype, seed=run.seed))
     baseline = _load_baseline(run.baseline) if run.baseline else None  # fail before any compute
-    demo_list = demos_lib.load_demos(run.demos, run.hf_checkpoint, vocab_size=cfg.vocab_size,
+    demo_list = demos_lib.load_demos(run.demos, run.hf_checkpoint, vocab_size=session.cfg.vocab_size,
                                      max_length=run.max_length)
     domains = list(dict.fromkeys(d.domain for d in demo_list))
-    layout = parallel.init_parallel(run.expert_parallel, seed=run.seed,
-                                    pipeline_parallel=run.pipeline_parallel, stage_layers=stage_layers)
-    _, model = model_lib.load_megatron_model(run.hf_checkpoint, dtype=model_lib.resolve_dtype(run.dtype, cfg),
-                                             expert_parallel=run.expert_parallel,
-                                             dispatcher=run.dispatcher,
-                                             stage_layers=stage_layers if run.pipeline_parallel > 1 else None)
-    device = next(model.parameters()).device
-    replicas = [demos_lib.shard_for_rank(demo_list, r, layout.data_parallel)
-                for r in range(layout.data_parallel)]
-    my_demos = replicas[layout.dp_rank]
+    nll = NllObserver(domains)
+    observers = [nll] + ([LogitsObserver(Path(run.dump_logits))] if run.dump_logits else [])
+    layout = session.init_parallel()
+    session.load_model(observers)
     # one demo per micro-batch (logits [T, vocab] are large); 2 x PP per step so stages overlap
-    schedule = plan_micro_batches([[len(d.input_ids) for _, d in rep] for rep in replicas], None,
-                                  2 * run.pipeline_parallel)
-    nll_sum = torch.zeros(len(domains), dtype=torch.float64, device=device)
-    count = torch.zeros(len(domains), dtype=torch.float64, device=device)
-    my_logits = {}
-
-    def _add_demo(logits, index, demo):
-        ids = list(demo.input_ids)
-        if len(ids) > 1:
-            targets = torch.tensor(ids[1:], device=device)
-            nll = F.cross_entropy(logits[:-1], targets, reduction="sum")
-            d = domains.index(demo.domain)
-            nll_sum[d] += nll.double()
-            count[d] += len(ids) - 1
-        if run.dump_logits:
-            my_logits[f"demo_{index}"] = logits.cpu().contiguous()
-
-    with torch.no_grad():
-        for step in schedule:
-            members = [[my_demos[pos] for pos in slot.members[layout.dp_rank]] for slot in step]
-            batches = [pipeline.padded_batch([list(d.input_ids) for _, d in m], slot.length, slot.rows, device)
-                       for m, slot in zip(members, step)]
-            outputs = pipeline.forward_micro_batches(model, batches)
-            for m, output in zip(members, outputs):
-                if not m or output is None:  # an empty slot, or not the last stage
-                    continue
-                (index, demo), = m
-                _add_demo(output[0, :len(demo.input_ids)].float(), index, demo)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(nll_sum)
-        dist.all_reduce(count)
-    results = {}
-    for d, domain in enumerate(domains):
-        mean = (nll_sum[d] / count[d]).item() if count[d] > 0 else float("nan")
-        results[domain] = {"tokens": int(count[d]), "nll": mean, "ppl": math.exp(mean)}
-    if run.dump_logits:
-        _write_logits(Path(run.dump_logits), my_logits, layout)
+    plan = session.plan(demo_list, None, 2 * run.pipeline_parallel)
+    forward_loop(session, plan, observers, progress="evaluate")
+    results = nll.finalize(session)
+    for observer in observers[1:]:
+        observer.finalize(session)
     if layout.rank == 0:
         _print_table(results, baseline)
         if run.json_out:
             record = {"format": EVAL_FORMAT, "checkpoint": str(Path(run.hf_checkpoint).resolve()),
-                      "demos": list(run.demos), "dtype": str(model_lib.resolve_dtype(run.dtype, cfg)),
+                      "demos": list(run.demos), "dtype": str(session.dtype),
                       "max_length": run.max_length, "results": results}
-            path = Path(run.json_out)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
-            os.replace(tmp, path)
+            io.write_json_atomic(Path(run.json_out), record, indent=1)
     return results
 
 

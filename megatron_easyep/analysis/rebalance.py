@@ -29,6 +29,7 @@ The MTP layer is not part of the Megatron model and keeps its sliced bias (recor
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_easyep.mcore.compat import attach_router_hook, deepseek_group_limited_topk, moe_routers
+from megatron_easyep.mcore.compat import (attach_router_hook, attach_router_observers, deepseek_group_limited_topk,
+                                          moe_routers)
+from megatron_easyep.runtime.observer import Observer, StopMicroBatch
 
 REBALANCE_KEY = "rebalance_bias"
 DEFAULT_STEP = 1e-3
@@ -121,7 +124,8 @@ def fit_expert_bias(scores: torch.Tensor, bias: torch.Tensor, *, top_k: int, n_g
 @dataclass(frozen=True)
 class RebalanceRequest:
     """What `--rebalance-bias` asks for; `prepare` reads and checks the demonstrations against
-    the source checkpoint before anything is exported."""
+    the source checkpoint before anything is exported. The fit runs on any PP x EP layout of the
+    torchrun world (one process by default), like scoring."""
 
     demos: tuple[str, ...]
     step: float = DEFAULT_STEP
@@ -129,9 +133,14 @@ class RebalanceRequest:
     max_length: int | None = None
     dtype: str | None = None  # compute dtype of the forward; the router and the fit run in fp32
     heldout: tuple[str, ...] = ()  # demonstrations whose loads are only measured, before and after
+    expert_parallel: int = 1
+    pipeline_parallel: int = 1
+    pipeline_layout: str | None = None
+    dispatcher: str = "alltoall"
 
     def prepare(self, src_dir) -> "PreparedRebalance":
         from megatron_easyep.checkpoint.reader import DeepseekV3Config
+        from megatron_easyep.mcore import pipeline
         from megatron_easyep.scoring import demos as demos_lib
 
         if not self.demos:
@@ -141,6 +150,9 @@ class RebalanceRequest:
         if self.iterations < 1:
             raise RebalanceError(f"--rebalance-steps must be >= 1, got {self.iterations}")
         cfg = DeepseekV3Config.load(src_dir)
+        # the pruned model has the source's layers: a bad layout fails before anything is written
+        pipeline.stage_layer_counts(cfg.num_hidden_layers, self.pipeline_parallel, self.pipeline_layout,
+                                    source=str(cfg.source))
 
         def read(specs):
             demo_list = demos_lib.load_demos(list(specs), src_dir, vocab_size=cfg.vocab_size,
@@ -154,6 +166,10 @@ class RebalanceRequest:
         return PreparedRebalance(self, demo_list, demo_files, heldout, heldout_files)
 
 
+def _world_size_from_launcher() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @dataclass
 class PreparedRebalance:
     request: RebalanceRequest
@@ -161,62 +177,116 @@ class PreparedRebalance:
     demo_files: list[dict]
     heldout_list: list = field(default_factory=list)
     heldout_files: list[dict] = field(default_factory=list)
+    _announced: bool = False
 
     def finalize(self, staging_dir, pruning: dict, log=None) -> None:
-        """export_pruned's `finalize` hook: rebalance the staged checkpoint and record it."""
+        """export_pruned's `finalize` hook (rank 0): rebalance the staged checkpoint and record it.
+        Under torchrun the other ranks (in `follow`) are told where the staging directory is."""
+        self._announce((str(staging_dir), pruning))
         pruning[REBALANCE_KEY] = rebalance_staged(staging_dir, pruning, self, log=log)
 
+    def abandon(self) -> None:
+        """Rank 0 when its export failed before `finalize`: the other ranks stop waiting."""
+        if not self._announced:
+            self._announce(None)
 
-class _StopForward(Exception):
-    """Raised by a router hook once the layer being fitted has been seen (later layers are not needed)."""
+    def follow(self) -> bool:
+        """Every rank but 0 under torchrun: wait for rank 0's staged export and take part in the
+        fit. False when rank 0 gave up before staging (it reports why)."""
+        shared = self._exchange(None)
+        if shared is None:
+            return False
+        staging_dir, pruning = shared
+        rebalance_staged(Path(staging_dir), pruning, self)
+        return True
 
+    def _announce(self, payload) -> None:
+        self._announced = True
+        if _world_size_from_launcher() > 1:
+            self._exchange(payload)
 
-def _demo_forwards(model, demo_list, on_start=None):
-    """One forward per demonstration at its own length (no padding: every token is real)."""
-    from megatron_easyep.mcore.model import forward_padded
+    @staticmethod
+    def _exchange(payload):
+        from megatron_easyep.mcore import parallel
 
-    with torch.no_grad():
-        for demo in demo_list:
-            if on_start:
-                on_start(demo)
-            try:
-                forward_padded(model, list(demo.input_ids), len(demo.input_ids))
-            except _StopForward:
-                pass
-
-
-def _megatron_loads(model, routers: dict, demo_list) -> dict[int, torch.Tensor]:
-    """Per layer: tokens Megatron's own routing map sends to each expert over the demonstrations."""
-    loads = {layer: torch.zeros(r.weight.shape[0], dtype=torch.long) for layer, r in routers.items()}
-
-    def hook(x, probs, routing_map, layer):
-        loads[layer] += routing_map.reshape(-1, loads[layer].numel()).long().sum(0).cpu()
-
-    handles = [attach_router_hook(r, lambda x, p, m, layer=layer: hook(x, p, m, layer))
-               for layer, r in routers.items()]
-    try:
-        _demo_forwards(model, demo_list)
-    finally:
-        for h in handles:
-            h.remove()
-    return loads
+        if not dist.is_initialized():
+            parallel.init_parallel(1)
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
-def _router_inputs(model, router, demo_list) -> torch.Tensor:
-    """[T, H] fp32 on the model's device: this router's input over every demonstration token, in
-    demo order."""
-    rows = []
+class LoadObserver(Observer):
+    """Per MoE layer: tokens Megatron's own routing map sends to each expert (real tokens only);
+    finalize sums them over the world."""
 
-    def hook(x, probs, routing_map):
-        rows.append(x.reshape(-1, x.shape[-1]).float())
-        raise _StopForward
+    batch = None
 
-    handle = attach_router_hook(router, hook)
-    try:
-        _demo_forwards(model, demo_list)
-    finally:
-        handle.remove()
-    return torch.cat(rows)
+    def setup(self, session) -> None:
+        from megatron_easyep.mcore import pipeline
+
+        self.layers = pipeline.moe_layer_ids(session.model.config)
+        self.loads = torch.zeros(len(self.layers), session.cfg.n_routed_experts, dtype=torch.long)
+
+    def before_micro_batch(self, batch) -> None:
+        self.batch = batch
+
+    @contextlib.contextmanager
+    def attached(self, session):
+        def hook(layer, router_input, probs, routing_map):
+            routing_map = self.batch.real_rows(routing_map.reshape(-1, self.loads.shape[1]))
+            self.loads[self.layers.index(layer)] += routing_map.long().sum(0).cpu()
+
+        with attach_router_observers(session.model, hook):
+            yield self
+
+    def finalize(self, session) -> dict[int, torch.Tensor]:
+        totals = self.loads.to(session.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        return {layer: totals[row].cpu() for row, layer in enumerate(self.layers)}
+
+
+class RouterInputObserver(Observer):
+    """One router's input over this rank's real tokens, kept per demo; without pipeline
+    parallelism the forward stops right after that router (later layers are not needed).
+    finalize: the sigmoid router scores [T, E] fp32 of every demo of the world in demo order, on
+    the ranks of the stage that holds the layer (None elsewhere)."""
+
+    def __init__(self, session, router):
+        self.router, self.rows, self.batch = router, {}, None
+        self.stop = session.layout.pipeline_parallel == 1
+
+    def before_micro_batch(self, batch) -> None:
+        self.batch = batch
+
+    @contextlib.contextmanager
+    def attached(self, session):
+        def hook(x, probs, routing_map):
+            for index, rows in self.batch.demo_rows(x.reshape(-1, x.shape[-1])):
+                self.rows[index] = rows.float()
+            if self.stop:
+                raise StopMicroBatch
+
+        with attach_router_hook(self.router, hook) if self.router is not None else contextlib.nullcontext():
+            yield self
+
+    def finalize(self, session) -> torch.Tensor | None:
+        from megatron.core import parallel_state
+
+        if self.router is None:
+            return None
+        order = sorted(self.rows)
+        # as Megatron's router computes them (moe_router_dtype fp32), on the model's device
+        scores = torch.sigmoid(torch.cat([self.rows[i] for i in order]) @ self.router.weight.detach().float().T)
+        group = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return scores
+        sizes = [self.rows[i].shape[0] for i in order]
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, (order, sizes, scores.cpu()), group=group)
+        blocks = {i: block for got, n, sc in parts for i, block in zip(got, sc.split(n))}
+        return torch.cat([blocks[i] for i in sorted(blocks)]).to(scores.device)
 
 
 def _stored_bias_dtype(ckpt, name: str) -> torch.dtype:
@@ -227,75 +297,89 @@ def _stored_bias_dtype(ckpt, name: str) -> torch.dtype:
     return _BIAS_DTYPES[dtype]
 
 
-def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=None) -> dict:
-    """Fit every MoE layer's bias of the (staged) pruned checkpoint `ckpt_dir` in Megatron-Core, write
-    the new values into its shards in place, and return the pruning.json record. `pruning` is the
-    export's record (kept and disabled experts)."""
-    from megatron_easyep.checkpoint.reader import HFCheckpoint, read_safetensors_header
-    from megatron_easyep.mcore import model as model_lib
-    from megatron_easyep.mcore import parallel
+def _open_session(ckpt_dir, request: RebalanceRequest):
+    from megatron_easyep.runtime.session import ModelSession, SessionSpec
 
-    request = prepared.request
-    ckpt_dir = Path(ckpt_dir)
-    ckpt = HFCheckpoint(ckpt_dir)
-    cfg = ckpt.config
-    dtype = model_lib.resolve_dtype(request.dtype, cfg)
-    owns_world = not dist.is_initialized()
-    layout = parallel.init_parallel(1)
-    if layout.world_size != 1:
-        raise RebalanceError(f"--rebalance-bias runs in one process; this one is rank {layout.rank} of "
-                             f"{layout.world_size}")
-    _, model = model_lib.load_megatron_model(ckpt_dir, dtype=dtype, logits=False)
-    routers = moe_routers(model)
-    disabled = {int(k): v for k, v in (pruning.get("disabled_experts") or {}).items()}
-    kept = {int(k): v for k, v in pruning["kept_experts"].items()}
-    demo_list = prepared.demo_list
-    tokens = sum(len(d.input_ids) for d in demo_list)
+    session = ModelSession.open(SessionSpec(str(ckpt_dir), expert_parallel=request.expert_parallel,
+                                            pipeline_parallel=request.pipeline_parallel,
+                                            pipeline_layout=request.pipeline_layout,
+                                            dispatcher=request.dispatcher, dtype=request.dtype, logits=False))
+    session.init_parallel()
+    session.load_model()
+    return session
 
-    enabled, stored_dtype = {}, {}
-    for layer, router in routers.items():
-        mask = torch.ones(router.weight.shape[0], dtype=torch.bool)
-        for expert in disabled.get(layer, ()):
-            mask[kept[layer].index(expert)] = False
-        enabled[layer] = mask
-        stored_dtype[layer] = _stored_bias_dtype(ckpt, _BIAS_NAME.format(layer=layer))
 
-    before = _megatron_loads(model, routers, demo_list)
-    heldout_before = _megatron_loads(model, routers, prepared.heldout_list) if prepared.heldout_list else None
-    fits: dict[int, BiasFit] = {}
-    new_bias: dict[int, torch.Tensor] = {}
-    start_bias: dict[int, torch.Tensor] = {}
-    for layer, router in routers.items():
-        x = _router_inputs(model, router, demo_list)
-        # as Megatron's router computes them (moe_router_dtype fp32), on the model's device
-        scores = torch.sigmoid(x @ router.weight.detach().float().T)
-        del x
-        start = start_bias[layer] = router.expert_bias.detach().float().cpu().clone()
+def _loads(session, demo_list) -> dict[int, torch.Tensor] | None:
+    """Per layer (every stage's): tokens Megatron's own routing sends to each expert over the demos."""
+    from megatron_easyep.runtime.session import forward_loop
+
+    if not demo_list:
+        return None
+    observer = LoadObserver()
+    observer.setup(session)
+    forward_loop(session, session.plan(demo_list, None, session.default_per_step()), [observer])
+    return observer.finalize(session)
+
+
+def _router_scores(session, router, demo_list) -> torch.Tensor | None:
+    """[T, E] fp32 sigmoid scores of one router over every demo token, in demo order, on the ranks
+    holding it (every rank runs the forwards: pipeline stages and EP collectives go in lockstep)."""
+    from megatron_easyep.runtime.session import forward_loop
+
+    observer = RouterInputObserver(session, router)
+    forward_loop(session, session.plan(demo_list, None, session.default_per_step()), [observer])
+    return observer.finalize(session)
+
+
+def _fit_layers(session, routers: dict, prepared: PreparedRebalance, enabled: dict, stored_dtype: dict) -> dict:
+    """Layer by layer, in order: the router's scores on the pruned model's own hidden states (every
+    earlier layer already rebalanced), the fit, the new bias set in the model. Returns this rank's
+    {layer: (stored new bias, start bias, BiasFit)} for the layers of its stage."""
+    from megatron_easyep.mcore import pipeline
+
+    request, cfg, fits = prepared.request, session.cfg, {}
+    for layer in pipeline.moe_layer_ids(session.model.config):
+        router = routers.get(layer)
+        scores = _router_scores(session, router, prepared.demo_list)
+        if router is None:
+            continue
+        start = router.expert_bias.detach().float().cpu().clone()
         fit = fit_expert_bias(scores, start, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
                               topk_group=cfg.topk_group, step=request.step, iterations=request.iterations,
                               enabled=enabled[layer])
+        del scores
         # the value as it will be stored is the value later layers are fitted under
         fit.bias, fit.load_history = fit.bias.cpu(), fit.load_history.cpu()
         stored = fit.bias.to(stored_dtype[layer])
         stored[~enabled[layer]] = start.to(stored_dtype[layer])[~enabled[layer]]
-        new_bias[layer] = stored
         with torch.no_grad():
             router.expert_bias.copy_(stored.float().to(router.expert_bias.device))
-        fits[layer] = fit
-        if log:
-            log(f"rebalance layer {layer}: max/mean load {max_over_mean(before[layer], enabled[layer]):.3f} -> "
-                f"{max_over_mean(fit.loads, enabled[layer]):.3f} (iterate {fit.iteration} of {request.iterations})")
-    after = _megatron_loads(model, routers, demo_list)
-    heldout_after = _megatron_loads(model, routers, prepared.heldout_list) if prepared.heldout_list else None
-    mismatched = {layer: int((after[layer] - fits[layer].loads).abs().sum()) for layer in routers}
-    if any(mismatched.values()) and log:
-        log(f"warning: Megatron's routing loads differ from the fit's (sum of |difference| per layer: {mismatched})")
+        fits[layer] = (stored, start, fit)
+    return fits
 
-    # ---- write the new bias values into the staged shards (the export renames the whole dir) ----
+
+def _fits_on_rank0(fits: dict) -> dict | None:
+    """Every stage's fits, on rank 0 (the data-parallel copies of a stage are identical)."""
+    if dist.get_world_size() == 1:
+        return fits
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(fits, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    merged = {}
+    for part in parts:
+        for layer, value in part.items():
+            merged.setdefault(layer, value)
+    return dict(sorted(merged.items()))
+
+
+def _write_biases(weight_map: dict, ckpt_dir: Path, new_bias: dict) -> None:
+    """The new bias values into the staged shards, in place (the export renames the whole dir)."""
+    from megatron_easyep.checkpoint.reader import read_safetensors_header
+
     by_shard: dict[str, list[int]] = {}
-    for layer in routers:
-        by_shard.setdefault(ckpt.weight_map[_BIAS_NAME.format(layer=layer)], []).append(layer)
-    ckpt.close()
+    for layer in new_bias:
+        by_shard.setdefault(weight_map[_BIAS_NAME.format(layer=layer)], []).append(layer)
     for shard, layers in by_shard.items():
         headers, _ = read_safetensors_header(ckpt_dir / shard)
         fd = os.open(ckpt_dir / shard, os.O_WRONLY)
@@ -311,9 +395,69 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
         finally:
             os.close(fd)
 
-    def ratio(loads, layer):
-        return max_over_mean(loads, enabled[layer])
 
+def _enabled_and_dtypes(ckpt, layers, pruning: dict):
+    disabled = {int(k): v for k, v in (pruning.get("disabled_experts") or {}).items()}
+    kept = {int(k): v for k, v in pruning["kept_experts"].items()}
+    enabled, stored_dtype = {}, {}
+    for layer in layers:
+        mask = torch.ones(len(kept[layer]), dtype=torch.bool)
+        for expert in disabled.get(layer, ()):
+            mask[kept[layer].index(expert)] = False
+        enabled[layer] = mask
+        stored_dtype[layer] = _stored_bias_dtype(ckpt, _BIAS_NAME.format(layer=layer))
+    return kept, enabled, stored_dtype
+
+
+def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=None) -> dict | None:
+    """Fit every MoE layer's bias of the (staged) pruned checkpoint `ckpt_dir` in Megatron-Core, write
+    the new values into its shards in place, and return the pruning.json record. `pruning` is the
+    export's record (kept and disabled experts). Collective: every rank of the world calls it with
+    the same arguments (the request's PP x EP layout); rank 0 writes and returns the record."""
+    from megatron_easyep.checkpoint.reader import HFCheckpoint
+    from megatron_easyep.mcore import parallel, pipeline
+
+    ckpt_dir = Path(ckpt_dir)
+    owns_world = not dist.is_initialized()
+    session = _open_session(ckpt_dir, prepared.request)
+    ckpt = HFCheckpoint(ckpt_dir)
+    layers = pipeline.moe_layer_ids(session.model.config)
+    kept, enabled, stored_dtype = _enabled_and_dtypes(ckpt, layers, pruning)
+    weight_map = dict(ckpt.weight_map)
+    ckpt.close()
+    routers = moe_routers(session.model)
+
+    before = _loads(session, prepared.demo_list)
+    heldout_before = _loads(session, prepared.heldout_list)
+    fits = _fits_on_rank0(_fit_layers(session, routers, prepared, enabled, stored_dtype))
+    after = _loads(session, prepared.demo_list)
+    heldout_after = _loads(session, prepared.heldout_list)
+    record = None
+    if session.layout.rank == 0:
+        _write_biases(weight_map, ckpt_dir, {layer: fit[0] for layer, fit in fits.items()})
+        record = _record(session, prepared, kept, enabled, fits, (before, after),
+                         (heldout_before, heldout_after), log)
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    if owns_world:
+        parallel.shutdown()
+    return record
+
+
+def _record(session, prepared: PreparedRebalance, kept: dict, enabled: dict, fits: dict, loads, heldout,
+            log) -> dict:
+    request, (before, after), (heldout_before, heldout_after) = prepared.request, loads, heldout
+
+    def ratio(values, layer):
+        return max_over_mean(values, enabled[layer])
+
+    mismatched = {layer: int((after[layer] - fit.loads).abs().sum()) for layer, (_, _, fit) in fits.items()}
+    if log:
+        for layer, (_, _, fit) in fits.items():
+            log(f"rebalance layer {layer}: max/mean load {ratio(before[layer], layer):.3f} -> "
+                f"{ratio(fit.loads, layer):.3f} (iterate {fit.iteration} of {request.iterations})")
+        if any(mismatched.values()):
+            log(f"warning: Megatron's routing loads differ from the fit's (sum of |difference| per layer: {mismatched})")
     record = {
         "rule": "bias += step * sign(mean load - load) over the enabled kept experts, fixed iterations, "
                 "layer by layer on the pruned model's own hidden states; the iterate with the lowest "
@@ -321,24 +465,24 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
         "step": request.step,
         "iterations": request.iterations,
         "max_length": request.max_length,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(session.dtype).replace("torch.", ""),
         "demos": prepared.demo_files,
-        "num_demos": len(demo_list),
-        "tokens": tokens,
+        "num_demos": len(prepared.demo_list),
+        "tokens": sum(len(d.input_ids) for d in prepared.demo_list),
         "per_layer": {
             str(layer): {
                 "max_over_mean_before": ratio(before[layer], layer),
                 "max_over_mean_after": ratio(after[layer], layer),
-                "chosen_iteration": fits[layer].iteration,
+                "chosen_iteration": fit.iteration,
                 "loads_before": before[layer].tolist(),
                 "loads_after": after[layer].tolist(),
-                "max_abs_bias_change": float((new_bias[layer].float() - start_bias[layer]).abs().max()),
+                "max_abs_bias_change": float((stored.float() - start).abs().max()),
                 "megatron_vs_fit_load_difference": mismatched[layer],
             }
-            for layer in routers
+            for layer, (stored, start, fit) in fits.items()
         },
         "skipped_layers": {str(layer): "MTP layer: not part of the Megatron model; bias kept as exported"
-                           for layer in sorted(kept) if layer not in routers},
+                           for layer in sorted(kept) if layer not in fits},
     }
     if heldout_before is not None:  # measured only: these tokens never enter the fit
         record["heldout"] = {
@@ -352,9 +496,7 @@ def rebalance_staged(ckpt_dir, pruning: dict, prepared: PreparedRebalance, log=N
                     "loads_before": heldout_before[layer].tolist(),
                     "loads_after": heldout_after[layer].tolist(),
                 }
-                for layer in routers
+                for layer in fits
             },
         }
-    if owns_world:
-        parallel.shutdown()
     return record

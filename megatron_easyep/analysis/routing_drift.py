@@ -24,6 +24,7 @@ router's decision changes at each layer in isolation, not the compounding throug
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,7 +34,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_easyep.checkpoint import io
 from megatron_easyep.mcore.compat import deepseek_group_limited_topk
+from megatron_easyep.runtime.observer import Observer
+from megatron_easyep.runtime.session import ModelSession, SessionSpec, forward_loop
 
 DRIFT_FORMAT = "megatron-easyep/routing-drift/1"
 DRIFT_FILE = "routing_drift.json"
@@ -231,9 +235,53 @@ def load_pruned_plan(src_ckpt, pruned_dir) -> PrunedPlan:
 # runner
 # --------------------------------------------------------------------------------------------
 
-def _observe_routers(model, plan: PrunedPlan, state: dict, sums: dict):
-    """Forward hooks on every MoE layer's router: route its input (this rank's real tokens, the
-    first state["tokens"] rows) both ways and add the drift sums to sums[hf_layer]."""
+class DriftObserver(Observer):
+    """Forward hooks on every MoE layer's router: route its input (this micro-batch's real tokens)
+    both ways and add the drift sums per layer.
+    finalize all-reduces them and returns (layer ids, [L, 5] float64 totals)."""
+
+    def __init__(self, plan: PrunedPlan, pruned_dir, output=None):
+        self.plan, self.batch = plan, None
+        self.output = Path(output) if output else Path(pruned_dir) / DRIFT_FILE
+
+    def validate(self, session) -> None:
+        if self.output.is_dir():
+            raise RoutingDriftError(f"--output {self.output} is a directory")
+        if not self.output.resolve().parent.is_dir():
+            raise RoutingDriftError(f"the directory of --output {self.output} does not exist")
+
+    def setup(self, session) -> None:
+        from megatron_easyep.mcore import pipeline
+
+        # every stage's MoE layers (global ids); a stage fills its own rows, the all-reduce the rest
+        self.layers = pipeline.moe_layer_ids(session.model.config)
+        self.sums = {index: [0.0] * (len(SUM_KEYS) + 1) for index in self.layers}
+
+    def before_micro_batch(self, batch) -> None:
+        self.batch = batch
+
+    @contextlib.contextmanager
+    def attached(self, session):
+        handles = _observe_routers(session.model, self.plan, self, self.sums)
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def finalize(self, session):
+        import torch.distributed as dist
+
+        totals = torch.tensor([self.sums[i] for i in self.layers], dtype=torch.float64,
+                              device=next(session.model.parameters()).device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        return totals.cpu()
+
+
+def _observe_routers(model, plan: PrunedPlan, state, sums: dict):
+    """Forward hooks on every MoE layer's router: route its input (this rank's real tokens of
+    state.batch, padding dropped) both ways and add the drift sums to sums[hf_layer]."""
     from megatron_easyep.mcore import compat
 
     handles = []
@@ -243,11 +291,10 @@ def _observe_routers(model, plan: PrunedPlan, state: dict, sums: dict):
         bias = router.expert_bias.detach().float().clone()
 
         def hook(x, probs, routing_map, index=index, weight=weight, bias=bias):
-            n = state["tokens"]
-            if n == 0:
+            if state.batch is None or state.batch.real_tokens == 0:
                 return
-            x = x.reshape(-1, x.shape[-1])[:n]
-            routing_map = routing_map.reshape(-1, weight.shape[0])[:n]
+            x = state.batch.real_rows(x.reshape(-1, x.shape[-1]))
+            routing_map = state.batch.real_rows(routing_map.reshape(-1, weight.shape[0]))
             got = layer_drift(x, weight, bias, plan.kept[index], plan.original, plan.pruned,
                               megatron_routing_map=routing_map,
                               disabled_ids=plan.disabled.get(index, ()),
@@ -258,6 +305,18 @@ def _observe_routers(model, plan: PrunedPlan, state: dict, sums: dict):
 
         handles.append(compat.attach_router_hook(router, hook))
     return handles
+
+
+def _skipped_layers(plan: PrunedPlan, measured, num_hidden_layers: int) -> dict:
+    skipped = {}
+    for layer in sorted(plan.kept):
+        if layer in measured:
+            continue
+        if layer >= num_hidden_layers:
+            skipped[str(layer)] = "MTP layer: not part of the Megatron model, not measured"
+        else:
+            skipped[str(layer)] = "not a MoE layer of the Megatron model"
+    return skipped
 
 
 def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 1,
@@ -271,74 +330,42 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
     import torch.distributed as dist
 
     from megatron_easyep.scoring import demos as demos_lib
-    from megatron_easyep.mcore import parallel, pipeline
-    from megatron_easyep.mcore import model as model_lib
-    from megatron_easyep.checkpoint.reader import DeepseekV3Config
-    from megatron_easyep.scoring.run import plan_micro_batches
 
     # every input check before the (slow) model load
     plan = load_pruned_plan(src_ckpt, pruned_dir)
-    cfg = DeepseekV3Config.load(src_ckpt)
-    stage_layers = pipeline.stage_layer_counts(cfg.num_hidden_layers, pipeline_parallel, pipeline_layout,
-                                               source=str(cfg.source))
-    demo_list = demos_lib.load_demos(demos, src_ckpt, vocab_size=cfg.vocab_size,
+    session = ModelSession.open(SessionSpec(str(src_ckpt), expert_parallel=expert_parallel,
+                                            pipeline_parallel=pipeline_parallel,
+                                            pipeline_layout=pipeline_layout, dispatcher=dispatcher,
+                                            dtype=dtype, seed=seed, logits=False))
+    demo_list = demos_lib.load_demos(demos, src_ckpt, vocab_size=session.cfg.vocab_size,
                                      max_length=max_length)
-    output = Path(output) if output else Path(pruned_dir) / DRIFT_FILE
-    if output.is_dir():
-        raise RoutingDriftError(f"--output {output} is a directory")
-    if not output.resolve().parent.is_dir():
-        raise RoutingDriftError(f"the directory of --output {output} does not exist")
-    torch_dtype = model_lib.resolve_dtype(dtype, cfg)
+    drift = DriftObserver(plan, pruned_dir, output)
+    session.validate([drift])
+    torch_dtype = session.dtype
 
-    layout = parallel.init_parallel(expert_parallel, seed=seed, pipeline_parallel=pipeline_parallel,
-                                    stage_layers=stage_layers)
-    _, model = model_lib.load_megatron_model(src_ckpt, dtype=torch_dtype,
-                                             expert_parallel=expert_parallel, dispatcher=dispatcher,
-                                             stage_layers=stage_layers if pipeline_parallel > 1 else None,
-                                             logits=False)
-    device = next(model.parameters()).device
-    # every stage's MoE layers (global ids); a stage fills its own rows, the all-reduce the rest
-    model_layers = pipeline.moe_layer_ids(model.config)
-    sums = {index: [0.0] * (len(SUM_KEYS) + 1) for index in model_layers}
-    skipped = {}
-    for layer in sorted(plan.kept):
-        if layer in sums:
-            continue
-        if layer >= cfg.num_hidden_layers:
-            skipped[str(layer)] = "MTP layer: not part of the Megatron model, not measured"
-        else:
-            skipped[str(layer)] = "not a MoE layer of the Megatron model"
-
-    state = {"tokens": 0}
-    handles = _observe_routers(model, plan, state, sums)
-    replicas = [demos_lib.shard_for_rank(demo_list, r, layout.data_parallel)
-                for r in range(layout.data_parallel)]
-    my_demos = replicas[layout.dp_rank]
-    # one demo per micro-batch (the hooks take a micro-batch's first `tokens` rows as its real
-    # tokens); 2 x PP per step so the stages overlap
-    schedule = plan_micro_batches([[len(d.input_ids) for _, d in rep] for rep in replicas], None,
-                                  2 * pipeline_parallel)
-    try:
-        with torch.no_grad():
-            for step in schedule:
-                seqs = [[list(my_demos[pos][1].input_ids) for pos in slot.members[layout.dp_rank]]
-                        for slot in step]
-                batches = [pipeline.padded_batch(s, slot.length, slot.rows, device)
-                           for s, slot in zip(seqs, step)]
-
-                def before_micro_batch(m, seqs=seqs):
-                    state["tokens"] = sum(len(ids) for ids in seqs[m])
-
-                pipeline.forward_micro_batches(model, batches, before_micro_batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    totals = torch.tensor([sums[i] for i in model_layers], dtype=torch.float64, device=device)
+    layout = session.init_parallel()
+    session.load_model([drift])
+    skipped = _skipped_layers(plan, drift.sums, session.cfg.num_hidden_layers)
+    # one demo per micro-batch; 2 x PP per step so the stages overlap
+    forward_loop(session, session.plan(demo_list, None, 2 * pipeline_parallel), [drift],
+                 progress="routing drift")
+    totals = drift.finalize(session)
+    report = _report(src_ckpt, pruned_dir, demos, plan, session, totals, drift.layers, skipped,
+                     len(demo_list), max_length, torch_dtype, layout)
+    if layout.rank == 0:
+        _print_table(report)
+        mismatched = report["megatron_routing_mismatched_tokens"]
+        if mismatched:
+            print(f"warning: the recomputed original routing differs from the model's own for "
+                  f"{mismatched} token-layers", file=sys.stderr, flush=True)
+        _write_json(drift.output, report)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(totals)
-    totals = totals.cpu()
+        dist.barrier()
+    return report
 
+
+def _report(src_ckpt, pruned_dir, demos, plan: PrunedPlan, session, totals, model_layers, skipped,
+            num_demos: int, max_length, torch_dtype, layout) -> dict:
     layers = {}
     mismatched = 0
     for row, index in zip(totals.tolist(), model_layers):
@@ -354,42 +381,36 @@ def run_drift(src_ckpt, pruned_dir, demos: list[str], *, expert_parallel: int = 
     measured = [v for v in layers.values() if v["tokens"]]
     mean = {key: (sum(v[key] for v in measured) / len(measured) if measured else None)
             for key in ("agree_fraction", "kept_gate_mass", "same_topk_fraction")}
-    report = {
+    return {
         "format": DRIFT_FORMAT,
         "source": str(Path(src_ckpt).resolve()),
         "pruned": str(Path(pruned_dir).resolve()),
-        "config_hash": cfg.config_hash,
+        "config_hash": session.cfg.config_hash,
         "group_policy": plan.group_policy,
         "original_routing": dataclasses.asdict(plan.original),
         "pruned_routing": dataclasses.asdict(plan.pruned),
         "demos": [str(d) for d in demos],
-        "num_demos": len(demo_list),
+        "num_demos": num_demos,
         "max_length": max_length,
         "dtype": str(torch_dtype).replace("torch.", ""),
         "layout": layout.as_dict(),
-        "definitions": {
-            "agree_fraction": "share of tokens whose original top-k restricted to kept experts is a "
-                              "subset of the pruned top-k (vacuously true when every chosen expert "
-                              "was pruned)",
-            "kept_gate_mass": "mean over tokens of sum(g, original top-k and kept) / "
-                              "sum(g, original top-k), g = original combine weights",
-            "same_topk_fraction": "share of tokens whose pruned top-k equals the original top-k",
-            "hidden_states": "the original model's, at every layer (no compounding)",
-        },
+        "definitions": DEFINITIONS,
         "layers": layers,
         "mean": mean,
         "skipped_layers": skipped,
         "megatron_routing_mismatched_tokens": mismatched,
     }
-    if layout.rank == 0:
-        _print_table(report)
-        if mismatched:
-            print(f"warning: the recomputed original routing differs from the model's own for "
-                  f"{mismatched} token-layers", file=sys.stderr, flush=True)
-        _write_json(output, report)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-    return report
+
+
+DEFINITIONS = {
+    "agree_fraction": "share of tokens whose original top-k restricted to kept experts is a "
+                      "subset of the pruned top-k (vacuously true when every chosen expert "
+                      "was pruned)",
+    "kept_gate_mass": "mean over tokens of sum(g, original top-k and kept) / "
+                      "sum(g, original top-k), g = original combine weights",
+    "same_topk_fraction": "share of tokens whose pruned top-k equals the original top-k",
+    "hidden_states": "the original model's, at every layer (no compounding)",
+}
 
 
 def _print_table(report: dict) -> None:
@@ -409,11 +430,4 @@ def _print_table(report: dict) -> None:
 
 
 def _write_json(path: Path, report: dict) -> None:
-    path = path.resolve()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    io.write_json_atomic(path.resolve(), report, indent=2)

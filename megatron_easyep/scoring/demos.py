@@ -20,6 +20,8 @@ from pathlib import Path
 
 from megatron_easyep.checkpoint.deepseek import ASSISTANT_TOKEN, EOS_TOKEN, USER_TOKEN
 from megatron_easyep.checkpoint.io import file_sha256  # noqa: F401  (demos_lib.file_sha256: demo provenance)
+from megatron_easyep.runtime.schedule import shard_for_rank  # noqa: F401  (the run driver deals demos)
+
 DEFAULT_DOMAIN = "default"
 
 
@@ -185,14 +187,6 @@ def load_demos(specs: list[str | DemoFile], ckpt_dir: str | Path, *, vocab_size:
             of_domain = [d for i, d in enumerate(of_domain) if i in keep]
         ordered.extend(of_domain)
     return ordered
-
-
-def shard_for_rank(demos: list[Demo], dp_rank: int, dp_size: int) -> list[tuple[int, Demo]]:
-    """Deterministic split across data-parallel ranks: demos sorted by length (longest first,
-    ties by position) dealt round-robin, so ranks get similar token counts. Returns
-    (global demo index, demo) pairs."""
-    order = sorted(range(len(demos)), key=lambda i: (-len(demos[i].input_ids), i))
-    return [(i, demos[i]) for i in order[dp_rank::dp_size]]
 
 
 def num_steps(num_demos: int, dp_size: int) -> int:

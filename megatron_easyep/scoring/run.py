@@ -21,10 +21,11 @@ import torch.distributed as dist
 
 from megatron_easyep.checkpoint import io
 from megatron_easyep.checkpoint.io import SCORE_FORMAT
-from megatron_easyep.mcore import compat
+from megatron_easyep.runtime.schedule import MicroBatch, plan_micro_batches  # noqa: F401 (moved there)
+from megatron_easyep.runtime.session import ModelSession, SessionSpec, forward_loop
 from megatron_easyep.scoring import demos as demos_lib
 from megatron_easyep.scoring import metrics
-from megatron_easyep.scoring.scorer import ExpertScorer, cprune_expert_features
+from megatron_easyep.scoring.scorer import ExpertScorer, ScoreObserver
 
 
 
@@ -68,56 +69,48 @@ def _log(layout, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_scoring(run: ScoreRun) -> Path | None:
-    """Score every demonstration; rank 0 writes OUTPUT/{scores.safetensors,scores.json}.
-    Validates inputs before the model is built (feasibility first, then compute)."""
-    from megatron_easyep.mcore import parallel
-    from megatron_easyep.mcore import model as model_lib
-    from megatron_easyep.checkpoint.reader import DeepseekV3Config
-
-    from megatron_easyep.mcore import pipeline
-
+def _check_run(run: ScoreRun) -> None:
     for name in ("max_demos", "max_length", "checkpoint_every", "log_every", "expert_parallel",
                  "pipeline_parallel", "micro_batch_tokens", "micro_batches_per_step"):
         value = getattr(run, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ScoringError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    output = Path(run.output).resolve()
-    work = output.with_name(output.name + ".inprogress")
-    cfg = DeepseekV3Config.load(run.hf_checkpoint)
-    stage_layers = pipeline.stage_layer_counts(cfg.num_hidden_layers, run.pipeline_parallel,
-                                               run.pipeline_layout, source=str(cfg.source))
-    if run.cprune_features and (run.pipeline_parallel > 1 or run.micro_batch_tokens):
-        raise ScoringError("--cprune-features needs --pipeline-parallel 1 and one demo per forward "
-                           "(no --micro-batch-tokens): it pools each demo's MoE inputs on one rank")
+
+
+def _check_output(run: ScoreRun, output: Path, work: Path) -> None:
     if output.exists() and not run.overwrite:
         raise ScoringError(f"output directory {output} exists; pass --overwrite to replace it")
     if run.resume and not work.is_dir():
         raise ScoringError(f"--resume: no interrupted run at {work}")
-    demo_list = demos_lib.load_demos(run.demos, run.hf_checkpoint, vocab_size=cfg.vocab_size,
-                                     max_length=run.max_length, max_demos=run.max_demos)
-    domains = list(dict.fromkeys(d.domain for d in demo_list))
-    demo_files = []
-    for spec in run.demos:
+
+
+def _demo_files(specs: list[str]) -> list[dict]:
+    files = []
+    for spec in specs:
         demo_file = demos_lib.DemoFile.parse(spec)
-        demo_files.append({"path": str(demo_file.path), "domain": demo_file.domain,
-                           "sha256": demos_lib.file_sha256(demo_file.path)})
+        files.append({"path": str(demo_file.path), "domain": demo_file.domain,
+                      "sha256": demos_lib.file_sha256(demo_file.path)})
+    return files
 
+
+def _fp8_mode(run: ScoreRun, cfg) -> str:
+    """The FP8 numerics asked for, resolved with a clear error before any compute (`auto`
+    follows the checkpoint: emulated for FP8-resident weights)."""
     from megatron_easyep.mcore import fp8_emulation
-    from megatron_easyep.scoring import telemetry
 
-    fp8_mode = fp8_emulation.resolve_fp8_mode(  # a clear error before any compute
+    fp8_mode = fp8_emulation.resolve_fp8_mode(
         run.fp8, fp8_weights_resident=cfg.is_fp8 and not run.dequantize_at_load)
     if fp8_mode == "te":
         raise fp8_emulation.Fp8Unavailable(
             "--fp8 te: Transformer Engine is usable here, but megatron-easyep builds Megatron's "
             "local layer spec only; use --fp8 emulated (DeepSeek's FP8 numerics, any device)")
-    layout = parallel.init_parallel(run.expert_parallel, seed=run.seed,
-                                    pipeline_parallel=run.pipeline_parallel, stage_layers=stage_layers)
-    # several micro-batches per step let the stages overlap; without PP one forward is a step
-    per_step = run.micro_batches_per_step or (2 * run.pipeline_parallel if run.pipeline_parallel > 1 else 1)
-    dtype = model_lib.resolve_dtype(run.dtype, cfg)
-    provenance = {
+    return fp8_mode
+
+
+def _provenance(run: ScoreRun, session: ModelSession, demo_files: list[dict], fp8_mode: str,
+                per_step: int) -> dict:
+    cfg = session.cfg
+    return {
         "format": SCORE_FORMAT,
         "checkpoint": str(Path(run.hf_checkpoint).resolve()),
         "config_hash": cfg.config_hash,
@@ -128,17 +121,16 @@ def run_scoring(run: ScoreRun) -> Path | None:
         "max_demos": run.max_demos,
         "max_length": run.max_length,
         "length_rule": "demos longer than max_length keep their first max_length tokens",
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(session.dtype).replace("torch.", ""),
         "dispatcher": run.dispatcher,
-        "layout": layout.as_dict(),
+        "layout": session.layout.as_dict(),
         "batching": {"micro_batch_tokens": run.micro_batch_tokens, "micro_batches_per_step": per_step},
         "fp8": {"mode": fp8_mode,
                 "weights": "dequantized" if run.dequantize_at_load or not cfg.is_fp8 else "fp8-resident"},
     }
-    run_id = _json_hash({k: provenance[k] for k in ("config_hash", "demos", "max_demos",
-                                                     "max_length", "dtype", "layout", "fp8",
-                                                     "batching")})
 
+
+def _prepare_work(run: ScoreRun, work: Path, layout, run_id: str) -> None:
     if layout.rank == 0 and not run.resume:
         # a stale interrupted run goes; the new one's folder appears at its first snapshot, so a
         # run that fails before one (bad shard, missing scale...) leaves nothing behind
@@ -150,146 +142,111 @@ def run_scoring(run: ScoreRun) -> Path | None:
         raise ScoringError(f"--resume: {work} belongs to a different run (checkpoint, demos, "
                            "length limits, dtype, FP8 mode or parallel layout differ)")
 
-    ckpt, model = model_lib.load_megatron_model(run.hf_checkpoint, dtype=dtype,
-                                                expert_parallel=run.expert_parallel,
-                                                dispatcher=run.dispatcher,
-                                                dequantize_at_load=run.dequantize_at_load,
-                                                stage_layers=stage_layers if run.pipeline_parallel > 1 else None,
-                                                logits=False)  # scores need no logits
-    from megatron.core import parallel_state
 
-    provenance["fp8"] = fp8_emulation.configure_fp8(model, fp8_mode, cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    moe_layers = pipeline.moe_layer_ids(model.config)  # every stage's, global ids
-    # tokens are counted on the first stage only; each stage fills the rows of its own layers
-    scorer = ExpertScorer(moe_layers, cfg.n_routed_experts, domains,
-                          ep_group=parallel_state.get_expert_model_parallel_group(), device=device,
-                          pool_inputs=run.cprune_features, count_tokens=layout.first_stage)
-    detach = compat.attach_moe_observers(model, scorer.observe)
+def _session_spec(run: ScoreRun) -> SessionSpec:
+    return SessionSpec(run.hf_checkpoint, expert_parallel=run.expert_parallel,
+                       pipeline_parallel=run.pipeline_parallel, pipeline_layout=run.pipeline_layout,
+                       dispatcher=run.dispatcher, dtype=run.dtype, seed=run.seed,
+                       logits=False,  # scores need no logits
+                       dequantize_at_load=run.dequantize_at_load)
 
-    replicas = [demos_lib.shard_for_rank(demo_list, r, layout.data_parallel)
-                for r in range(layout.data_parallel)]
-    my_demos = replicas[layout.dp_rank]
-    schedule = plan_micro_batches([[len(d.input_ids) for _, d in rep] for rep in replicas],
-                                  run.micro_batch_tokens, per_step)
-    steps = len(schedule)
-    provenance["batching"]["micro_batches"] = sum(len(step) for step in schedule)
-    start = _resume_step(work, layout.rank) if run.resume else 0
-    if start:
-        state = torch.load(_state_file(work, layout.rank, start))
-        scorer.load_state_dict(state["scorer"])
-        _log(layout, f"resuming at step {start}/{steps}")
 
-    t0, tokens_done = time.perf_counter(), 0
-    gpu_telemetry = telemetry.GpuTelemetry(run.telemetry_interval).start()
-    with torch.no_grad():
-        for step in range(start, steps):
-            batches, token_domains, demo_indices = [], [], []
-            for slot in schedule[step]:
-                members = [my_demos[pos] for pos in slot.members[layout.dp_rank]]
-                seqs = [list(demo.input_ids) for _, demo in members]
-                batches.append(pipeline.padded_batch(seqs, slot.length, slot.rows, device))
-                # [s, b] flattened: Megatron's token order inside a layer is sequence-major
-                token_domain = torch.full((slot.length, slot.rows), -1, dtype=torch.long, device=device)
-                for row, (_, demo) in enumerate(members):
-                    token_domain[:len(demo.input_ids), row] = domains.index(demo.domain)
-                token_domains.append(token_domain.reshape(-1))
-                demo_indices.append(members[0][0] if len(members) == 1 else None)
-                tokens_done += sum(len(s) for s in seqs)
+def run_scoring(run: ScoreRun) -> Path | None:
+    """Score every demonstration; rank 0 writes OUTPUT/{scores.safetensors,scores.json}.
+    Validates inputs before the model is built (feasibility first, then compute)."""
+    from megatron_easyep.mcore import fp8_emulation
 
-            def before_micro_batch(m):
-                scorer.begin_step(token_domains[m], demo_indices[m])
-
-            pipeline.forward_micro_batches(model, batches, before_micro_batch)
-            if (step + 1) % run.checkpoint_every == 0 and step + 1 < steps:
-                _save_state(work, layout.rank, scorer, step + 1, run_id)
-            if layout.rank == 0 and ((step + 1) % run.log_every == 0 or step + 1 == steps):
-                elapsed = time.perf_counter() - t0
-                _log(layout, f"step {step + 1}/{steps}  rank0 tokens {tokens_done}  "
-                             f"{tokens_done / max(elapsed, 1e-9):.0f} tokens/s")
-    detach()
-    # the scoring loop's time, the slowest rank's (the last pipeline stage finishes last)
-    loop_seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(loop_seconds, op=dist.ReduceOp.MAX)
-    provenance["timing"] = {"scoring_loop_seconds": round(float(loop_seconds.item()), 3),
-                            "steps_run": steps - start}
-    gpu_telemetry.stop()
-    per_rank_telemetry = telemetry.gather_summaries(gpu_telemetry.summary())  # every rank
-    if per_rank_telemetry is not None:
-        provenance["gpu_telemetry"] = per_rank_telemetry
-        _log(layout, telemetry.format_summary(per_rank_telemetry))
-    scorer.all_reduce()
-    features = (cprune_expert_features(model, scorer, len(demo_list))
-                if run.cprune_features else None)
-
+    _check_run(run)
+    output = Path(run.output).resolve()
+    work = output.with_name(output.name + ".inprogress")
+    session = ModelSession.open(_session_spec(run))
+    _check_output(run, output, work)
+    demo_list = demos_lib.load_demos(run.demos, run.hf_checkpoint, vocab_size=session.cfg.vocab_size,
+                                     max_length=run.max_length, max_demos=run.max_demos)
+    domains = list(dict.fromkeys(d.domain for d in demo_list))
+    demo_files = _demo_files(run.demos)
+    fp8_mode = _fp8_mode(run, session.cfg)
+    layout = session.init_parallel()
+    per_step = run.micro_batches_per_step or session.default_per_step()
+    provenance = _provenance(run, session, demo_files, fp8_mode, per_step)
+    run_id = _json_hash({k: provenance[k] for k in ("config_hash", "demos", "max_demos",
+                                                     "max_length", "dtype", "layout", "fp8",
+                                                     "batching")})
+    _prepare_work(run, work, layout, run_id)
+    observer = ScoreObserver(domains, len(demo_list), cprune_features=run.cprune_features)
+    session.load_model([observer])
+    provenance["fp8"] = fp8_emulation.configure_fp8(session.model, fp8_mode, session.cfg)
+    plan = session.plan(demo_list, run.micro_batch_tokens, per_step)
+    provenance["batching"]["micro_batches"] = plan.micro_batches
+    start = _resume(run, work, layout, observer.scorer, plan.steps)
+    provenance["timing"], telemetry_summary = _timed_loop(run, session, plan, observer, work, run_id, start)
+    if telemetry_summary is not None:
+        provenance["gpu_telemetry"] = telemetry_summary
+    features = observer.finalize(session)
     if layout.rank == 0:
-        provenance.update({
-            "layers": [int(i) for i in moe_layers],  # global layer ids == HF layer indices
-            "metrics": list(metrics.METRICS),
-            "domains": domains,
-            "num_experts": cfg.n_routed_experts,
-            "tokens": {"all": int(scorer.tokens.sum())} | {
-                d: int(scorer.tokens[i]) for i, d in enumerate(domains)},
-            "demos_per_domain": {d: sum(1 for x in demo_list if x.domain == d) for d in domains},
-            "truncated_tokens": sum(d.truncated_tokens for d in demo_list),
-            "megatron_core_version": _megatron_version(),
-            "torch_version": torch.__version__,
-        })
+        provenance.update(_totals(session.cfg, observer, demo_list, domains))
         if features is not None:
             from safetensors.torch import save_file
 
             work.mkdir(parents=True, exist_ok=True)  # no snapshot was taken in a short run
             save_file(features, str(work / "cprune_features.safetensors"))
             provenance["cprune_features"] = "cprune_features.safetensors"
-        _write_scores(work, output, scorer.score_tensors(), provenance, run.overwrite)
+        _write_scores(work, output, observer.scorer.score_tensors(), provenance, run.overwrite)
         _log(layout, f"wrote {output}/scores.safetensors")
     if dist.get_world_size() > 1:
         dist.barrier()
     return output if layout.rank == 0 else None
 
 
-@dataclass(frozen=True)
-class MicroBatch:
-    """One micro-batch slot, the same shape on every rank: `members[r]` are positions in replica
-    r's demo list (empty rows and positions beyond a demo's length are padding)."""
+def _resume(run: ScoreRun, work: Path, layout, scorer: ExpertScorer, steps: int) -> int:
+    """The step to start at: 0, or the latest one every rank has a snapshot of (loaded)."""
+    start = _resume_step(work, layout.rank) if run.resume else 0
+    if start:
+        state = torch.load(_state_file(work, layout.rank, start))
+        scorer.load_state_dict(state["scorer"])
+        _log(layout, f"resuming at step {start}/{steps}")
+    return start
 
-    rows: int
-    length: int
-    members: tuple[tuple[int, ...], ...]
+
+def _timed_loop(run: ScoreRun, session: ModelSession, plan, observer: ScoreObserver, work: Path,
+                run_id: str, start: int) -> tuple[dict, dict | None]:
+    """The forward loop with snapshots, timed (the slowest rank's: the last stage finishes last)
+    and with GPU telemetry. Returns the timing record and every rank's telemetry (or None)."""
+    from megatron_easyep.scoring import telemetry
+
+    layout = session.layout
+    def after_step(next_step: int) -> None:
+        if next_step % run.checkpoint_every == 0 and next_step < plan.steps:
+            _save_state(work, layout.rank, observer.scorer, next_step, run_id)
+
+    t0 = time.perf_counter()
+    gpu_telemetry = telemetry.GpuTelemetry(run.telemetry_interval).start()
+    forward_loop(session, plan, [observer], start=start, after_step=after_step, progress="score")
+    loop_seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=session.device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(loop_seconds, op=dist.ReduceOp.MAX)
+    timing = {"scoring_loop_seconds": round(float(loop_seconds.item()), 3), "steps_run": plan.steps - start}
+    gpu_telemetry.stop()
+    per_rank_telemetry = telemetry.gather_summaries(gpu_telemetry.summary())  # every rank
+    if per_rank_telemetry is not None:
+        _log(layout, telemetry.format_summary(per_rank_telemetry))
+    return timing, per_rank_telemetry
 
 
-def plan_micro_batches(lengths: list[list[int]], micro_batch_tokens: int | None,
-                       per_step: int) -> list[list[MicroBatch]]:
-    """Steps of micro-batches for every data-parallel replica, computed identically on every rank
-    from the demo lengths (no communication): each replica packs its demos in order, greedily,
-    while rows x longest <= micro_batch_tokens (None: one demo each); slot j of every replica is
-    padded to the largest rows and length over replicas (EP collectives run in lockstep, and the
-    allgather dispatcher needs equal token counts); `per_step` micro-batches make one step
-    (a pipeline flush, and the unit of --resume)."""
-    packed = []
-    for replica in lengths:
-        groups, current, longest = [], [], 0
-        for pos, n in enumerate(replica):
-            if current and micro_batch_tokens is None:
-                groups.append(current)
-                current, longest = [], 0
-            elif current and (len(current) + 1) * max(longest, n) > micro_batch_tokens:
-                groups.append(current)
-                current, longest = [], 0
-            current.append(pos)
-            longest = max(longest, n)
-        if current:
-            groups.append(current)
-        packed.append(groups)
-    total = max((len(g) for g in packed), default=0)
-    slots = []
-    for j in range(max(total, 1)):
-        members = tuple(tuple(groups[j]) if j < len(groups) else () for groups in packed)
-        rows = max(max((len(m) for m in members), default=1), 1)
-        length = max([lengths[r][pos] for r, m in enumerate(members) for pos in m] + [1])
-        slots.append(MicroBatch(rows, length, members))
-    return [slots[i:i + per_step] for i in range(0, len(slots), per_step)]
+def _totals(cfg, observer: ScoreObserver, demo_list: list, domains: list[str]) -> dict:
+    scorer = observer.scorer
+    return {
+        "layers": [int(i) for i in observer.moe_layers],  # global layer ids == HF layer indices
+        "metrics": list(metrics.METRICS),
+        "domains": domains,
+        "num_experts": cfg.n_routed_experts,
+        "tokens": {"all": int(scorer.tokens.sum())} | {
+            d: int(scorer.tokens[i]) for i, d in enumerate(domains)},
+        "demos_per_domain": {d: sum(1 for x in demo_list if x.domain == d) for d in domains},
+        "truncated_tokens": sum(d.truncated_tokens for d in demo_list),
+        "megatron_core_version": _megatron_version(),
+        "torch_version": torch.__version__,
+    }
 
 
 def _state_file(work: Path, rank: int, next_step: int) -> Path:

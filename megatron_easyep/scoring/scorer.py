@@ -16,10 +16,13 @@ owns the expert within the token's EP group.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 from megatron_easyep.mcore import compat
+from megatron_easyep.runtime.observer import Observer
 from megatron_easyep.scoring import metrics
 
 
@@ -36,7 +39,8 @@ class ExpertScorer:
         # C-Prune: per demonstration, the mean of its MoE inputs in every MoE layer [L, H]
         self.pool_inputs = pool_inputs
         self.pooled_inputs: dict[int, torch.Tensor] = {}
-        self.demo_index: int | None = None
+        self.demo_rows: list[tuple[int, int, int]] = []  # (row, global demo index, length)
+        self.rows = 1
         self.num_experts = num_experts
         self.domains = domains
         self.ep_group = ep_group
@@ -53,20 +57,18 @@ class ExpertScorer:
                                              device=device)
         self.defer_layout_check = torch.device(device).type == "cuda"
 
-    def begin_step(self, token_domain: torch.Tensor, demo_index: int | None = None) -> None:
+    def begin_step(self, token_domain: torch.Tensor, demo_rows=(), rows: int = 1) -> None:
+        """The next micro-batch: token_domain [length x rows] (sequence-major, -1 = padding) and,
+        for C-Prune's pooling, (row, global demo index, length) of every demo in it."""
         self.token_domain = token_domain
-        self.demo_index = demo_index
+        self.demo_rows, self.rows = list(demo_rows), rows
         if self.count_tokens:
             counts = torch.bincount(token_domain + 1, minlength=len(self.domains) + 1)  # 0 = padding
             self.tokens += counts[1:].to(self.tokens)
 
     def observe(self, layer_index: int, obs: compat.MoEObservation) -> None:
-        if self.pool_inputs and self.demo_index is not None:
-            valid = self.token_domain >= 0
-            pooled = self.pooled_inputs.setdefault(
-                self.demo_index, torch.zeros(len(self.layer_row), obs.moe_input.shape[-1],
-                                             dtype=torch.float32))
-            pooled[self.layer_row[layer_index]] = obs.moe_input[valid].float().mean(0).cpu()
+        if self.pool_inputs:
+            self._pool(layer_index, obs.moe_input)
         s = metrics.token_contribution(obs.residual, obs.residual + obs.routed_output)
         # What the EP group shares per token: s_t (fp32 bits), its domain and its top-k expert
         # ids, as one int32 [T, 2 + k] tensor (not a float64 [T, 2 + E] routing map).
@@ -130,6 +132,15 @@ class ExpertScorer:
             count = int(self.layout_mismatches[bad[0]])
             raise RuntimeError(self._layout_message(layer, f"in {count} forward(s) the expert row count "
                                                     "differed from the tokens the routing map routes"))
+    def _pool(self, layer_index: int, moe_input: torch.Tensor) -> None:
+        """C-Prune: each demo's mean MoE input in this layer (its real tokens: the first `length`
+        positions of its row; Megatron's token order inside a layer is [sequence, row])."""
+        hidden = moe_input.shape[-1]
+        by_row = moe_input.view(-1, self.rows, hidden)
+        for row, demo_index, length in self.demo_rows:
+            pooled = self.pooled_inputs.setdefault(
+                demo_index, torch.zeros(len(self.layer_row), hidden, dtype=torch.float32))
+            pooled[self.layer_row[layer_index]] = by_row[:length, row].float().mean(0).cpu()
 
     def _top_k_of(self, routing_map: torch.Tensor) -> int:
         """Experts per token (constant: dropless top-k routing), read once from the first map."""
@@ -170,30 +181,98 @@ class ExpertScorer:
         return out
 
 
+class ScoreObserver(Observer):
+    """The EASY-EP scorer on the shared forward loop: every MoE layer's routed output is scored
+    as it is combined; finalize all-reduces the sums once (and, with `cprune_features`, runs every
+    expert on the demos' pooled inputs)."""
+
+    def __init__(self, domains: list[str], num_demos: int, *, cprune_features: bool = False):
+        self.domains, self.num_demos, self.cprune_features = domains, num_demos, cprune_features
+        self.scorer: ExpertScorer | None = None
+
+    def setup(self, session) -> None:
+        from megatron.core import parallel_state
+
+        from megatron_easyep.mcore import pipeline
+
+        if self.cprune_features:  # fails now, not after the whole run, if experts cannot be run one by one
+            for _, layer in compat.iter_moe_layers(session.model):
+                compat.local_experts(layer.mlp)
+        self.device = session.device
+        self.moe_layers = pipeline.moe_layer_ids(session.model.config)  # every stage's, global ids
+        # tokens are counted on the first stage only; each stage fills the rows of its own layers
+        self.scorer = ExpertScorer(self.moe_layers, session.cfg.n_routed_experts, self.domains,
+                                   ep_group=parallel_state.get_expert_model_parallel_group(),
+                                   device=self.device, pool_inputs=self.cprune_features,
+                                   count_tokens=session.layout.first_stage)
+
+    @contextlib.contextmanager
+    def attached(self, session):
+        detach = compat.attach_moe_observers(session.model, self.scorer.observe)
+        try:
+            yield self
+        finally:
+            detach()
+
+    def before_micro_batch(self, batch) -> None:
+        # [s, b] flattened: Megatron's token order inside a layer is sequence-major
+        token_domain = torch.full((batch.length, batch.rows), -1, dtype=torch.long, device=self.device)
+        for row, (_, demo) in enumerate(batch.members):
+            token_domain[:len(demo.input_ids), row] = self.domains.index(demo.domain)
+        demo_rows = [(row, index, len(demo.input_ids)) for row, (index, demo) in enumerate(batch.members)]
+        self.scorer.begin_step(token_domain.reshape(-1), demo_rows, batch.rows)
+
+    def finalize(self, session) -> dict | None:
+        """All-reduce the sums; the C-Prune features on rank 0 (None elsewhere or when not asked)."""
+        self.scorer.all_reduce()
+        if not self.cprune_features:
+            return None
+        return cprune_expert_features(session.model, self.scorer, self.num_demos)
+
+
+def _pooled_by_demo(model, scorer: ExpertScorer, num_demos: int) -> torch.Tensor:
+    """[L, N, H]: every demo's pooled MoE inputs, gathered over the world. A demo is pooled on one
+    rank per pipeline stage (its data-parallel replica), each filling its own stage's layers."""
+    mine = [scorer.layer_row[index] for index, _ in compat.iter_moe_layers(model)]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, scorer.pooled_inputs))
+    pooled = torch.zeros(len(scorer.layer_row), num_demos, *next(
+        (t.shape[1:] for _, part in gathered for t in part.values()), (0,)))
+    seen = torch.zeros(len(scorer.layer_row), num_demos, dtype=torch.bool)
+    for rows, part in gathered:
+        for demo, value in part.items():
+            pooled[rows, demo] = value[rows]
+            seen[rows, demo] = True
+    if not bool(seen.all()):
+        raise RuntimeError("C-Prune: pooled inputs are missing for some demonstrations")
+    return pooled
+
+
 @torch.no_grad()
 def cprune_expert_features(model, scorer: ExpertScorer, num_demos: int) -> dict | None:
     """C-Prune's expert features (arXiv 2504.07807): every expert run on the mean-pooled MoE
-    input of every demonstration. Pooled inputs come from the scoring forward; each rank runs
-    its own experts on all of them, and rank 0 gathers {"features": [L, E, N, H],
-    "pooled_inputs": [L, N, H]} (float32; N = demonstrations in input order)."""
+    input of every demonstration. Pooled inputs come from the scoring forward (any PP x EP layout,
+    any micro-batching); each rank runs its own experts of its own stage on all of them, and rank 0
+    gathers {"features": [L, E, N, H], "pooled_inputs": [L, N, H]} (float32; N = demonstrations in
+    input order)."""
     from megatron.core import parallel_state
 
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, scorer.pooled_inputs)
-    by_demo = {k: v for part in gathered for k, v in part.items()}
-    if sorted(by_demo) != list(range(num_demos)):
-        raise RuntimeError("C-Prune: pooled inputs are missing for some demonstrations")
-    pooled = torch.stack([by_demo[i] for i in range(num_demos)], dim=1)  # [L, N, H]
+    pooled = _pooled_by_demo(model, scorer, num_demos)
     ep_group = parallel_state.get_expert_model_parallel_group()
-    features = []
-    for row, (_, layer) in enumerate(compat.iter_moe_layers(model)):
+    features = {}
+    for index, layer in compat.iter_moe_layers(model):
+        row = scorer.layer_row[index]
         experts = compat.local_experts(layer.mlp)
         param = next(experts[0].parameters())  # its device; the dtype is the config's (weights may be FP8)
         x = pooled[row].to(device=param.device, dtype=layer.mlp.config.params_dtype)
         local = torch.stack([expert(x)[0].float() for expert in experts])  # [E_local, N, H]
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(ep_group))]
         dist.all_gather(parts, local.contiguous(), group=ep_group)
-        features.append(torch.cat(parts).cpu())  # EP ranks hold contiguous global id blocks
+        features[row] = torch.cat(parts).cpu()  # EP ranks hold contiguous global id blocks
+    stages = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(features, stages, dst=0)  # the stages' layers meet on rank 0
     if dist.get_rank() != 0:
         return None
-    return {"features": torch.stack(features).contiguous(), "pooled_inputs": pooled.contiguous()}
+    by_row = {row: value for part in stages for row, value in part.items()}
+    return {"features": torch.stack([by_row[row] for row in range(len(scorer.layer_row))]).contiguous(),
+            "pooled_inputs": pooled.contiguous()}
