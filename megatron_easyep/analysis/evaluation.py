@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,11 +160,11 @@ def _print_table(results: dict, baseline: dict | None) -> None:
 
 def _write_logits(path: Path, mine: dict, layout) -> None:
     """Each rank writes its part; rank 0 merges them into one file (temp sibling + rename)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = path.resolve()
     part = path.with_name(f".{path.name}.rank{layout.rank}.part")
-    save_file(mine, str(part))
+    io.write_tensors(part, mine)
     if dist.get_world_size() > 1:
         dist.barrier()
     if layout.rank == 0:
@@ -175,8 +174,7 @@ def _write_logits(path: Path, mine: dict, layout) -> None:
             merged.update(load_file(str(part_r)))
             part_r.unlink()
         ordered = {k: merged[k] for k in sorted(merged, key=lambda k: int(k.split("_")[1]))}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(ordered, str(tmp))
-        os.replace(tmp, path)
+        with io.staged_file(path) as tmp:
+            io.write_tensors(tmp, ordered)
     if dist.get_world_size() > 1:
         dist.barrier()

@@ -186,10 +186,8 @@ def run_scoring(run: ScoreRun) -> Path | None:
     if layout.rank == 0:
         provenance.update(_totals(session.cfg, observer, demo_list, domains))
         if features is not None:
-            from safetensors.torch import save_file
-
             work.mkdir(parents=True, exist_ok=True)  # no snapshot was taken in a short run
-            save_file(features, str(work / "cprune_features.safetensors"))
+            io.write_tensors(work / "cprune_features.safetensors", features)
             provenance["cprune_features"] = "cprune_features.safetensors"
         _write_scores(work, output, observer.scorer.score_tensors(), provenance, run.overwrite)
         _log(layout, f"wrote {output}/scores.safetensors")
@@ -215,6 +213,7 @@ def _timed_loop(run: ScoreRun, session: ModelSession, plan, observer: ScoreObser
     from megatron_easyep.scoring import telemetry
 
     layout = session.layout
+
     def after_step(next_step: int) -> None:
         if next_step % run.checkpoint_every == 0 and next_step < plan.steps:
             _save_state(work, layout.rank, observer.scorer, next_step, run_id)
