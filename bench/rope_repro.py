@@ -8,7 +8,8 @@ that rope with `get_rope(..., is_neox_style=False)`: a `DeepseekScalingRotaryEmb
 config.json has YaRN `rope_scaling`, a plain `RotaryEmbedding` when it has none. This script builds
 both exactly as vLLM's deepseek_v2.py does, rotates the same q_pe / k_pe with each of vLLM's
 implementations and compares them with a hand-written numpy reference (DeepSeek's formula,
-float64). It prints the largest |difference| per case and exits 1 if vLLM's CPU path disagrees.
+float64). It prints the largest |difference| per case, then which position the plain-rope CPU
+kernel gave each (token, head) row of a 3-D query, and exits 1 if vLLM's CPU path disagrees.
 """
 
 from __future__ import annotations
@@ -87,8 +88,33 @@ def check(rope_parameters: dict) -> float:
     return worst_cpu
 
 
+def diagnose_plain() -> None:
+    """What the plain-rope CPU kernel did to each [head] row of a 3-D [tokens, heads, dim] query."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(ROPE_DIM, max_position=512, is_neox_style=False, rope_parameters=dict(PLAIN),
+                        dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(TOKENS, HEADS, ROPE_DIM, generator=g)
+    rows_in = q.reshape(-1, ROPE_DIM).double().numpy()
+    got_q, _ = rope.forward_cpu(torch.arange(TOKENS), q.clone(), torch.randn(TOKENS, 1, ROPE_DIM, generator=g))
+    rows_out = got_q.reshape(-1, ROPE_DIM).double().numpy()
+    inv_freq = reference_inv_freq(PLAIN, ROPE_DIM)
+    seen = []
+    for row in range(TOKENS * HEADS):
+        token, head = divmod(row, HEADS)
+        at = [p for p in range(TOKENS)
+              if np.abs(rows_out[row] - reference_rope(rows_in[row][None, None], np.array([p]), inv_freq)[0, 0]).max() < 1e-5]
+        seen.append(f"t{token}h{head}:pos{at[0] if at else '?'}")
+    print("plain forward_cpu, each (token t, head h) row of q -> the position it was rotated to (pos0 = unrotated):")
+    print("  " + " ".join(seen))
+
+
 def main() -> int:
     worst = {name: check(params) for name, params in (("yarn", YARN), ("plain", PLAIN))}
+    diagnose_plain()
     bad = [name for name, value in worst.items() if value > 1e-5]
     print("vLLM CPU rope disagrees with the reference for: " + (", ".join(bad) if bad else "nothing"))
     return 1 if bad else 0
