@@ -34,7 +34,8 @@ def reference_inv_freq(rope: dict, dim: int) -> np.ndarray:
         return freqs
 
     def correction_dim(rotations):
-        return dim * math.log(rope["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        original = rope["original_max_position_embeddings"]
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(rope["beta_fast"])), 0)
     high = min(math.ceil(correction_dim(rope["beta_slow"])), dim - 1)
@@ -105,8 +106,8 @@ def diagnose_plain() -> None:
     seen = []
     for row in range(TOKENS * HEADS):
         token, head = divmod(row, HEADS)
-        at = [p for p in range(TOKENS)
-              if np.abs(rows_out[row] - reference_rope(rows_in[row][None, None], np.array([p]), inv_freq)[0, 0]).max() < 1e-5]
+        as_if = [reference_rope(rows_in[row][None, None], np.array([p]), inv_freq)[0, 0] for p in range(TOKENS)]
+        at = [p for p, want in enumerate(as_if) if np.abs(rows_out[row] - want).max() < 1e-5]
         seen.append(f"t{token}h{head}:pos{at[0] if at else '?'}")
     print("plain forward_cpu, each (token t, head h) row of q -> the position it was rotated to (pos0 = unrotated):")
     print("  " + " ".join(seen))

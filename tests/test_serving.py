@@ -19,6 +19,7 @@ Without it this test FAILS: it is a CPU test, not a GPU one, so it never skips.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -188,8 +189,6 @@ def _kept_and_routing(export: Path, record_path: Path | None, *, route_disabled=
 
 def masked_oracle(info: dict, prompts, *, route_disabled=False):
     """The original in transformers, routing restricted to the export's routable experts."""
-    import functools
-
     model = load_transformers_model(info["oracle_source"])
     kept, n_group, topk_group = _kept_and_routing(info["path"], info.get("pruning_record"),
                                                   route_disabled=route_disabled)
