@@ -92,6 +92,7 @@ from megatron_easyep.analysis.report import (
     write_reports,
 )
 from megatron_easyep.mcore import model as model_lib
+from megatron_easyep.progress import Progress
 from megatron_easyep.pruning import cprune
 from megatron_easyep.pruning.selection import (
     RANDOM_METRIC,
@@ -330,6 +331,7 @@ def run_compare(run: CompareRun) -> Path:
     requests = build_requests(run, domains, config)
     selections, rows, evaluated, resumed = {}, [], {}, 0
     t0 = time.perf_counter()
+    progress = Progress("compare", len(requests), unit="models")
     with tempfile.TemporaryDirectory(prefix=".compare-exports-", dir=output) as tmp:
         for i, req in enumerate(requests, 1):
             sel = make_selection(req, scores, config, features, ranges)
@@ -363,6 +365,8 @@ def run_compare(run: CompareRun) -> Path:
             _log(f"{i}/{len(requests)} {req.label}: " + ", ".join(
                 f"{d} KL {r['kl']:.4f} top1 {r['top1']:.3f} ppl {r['ppl']:.2f}" for d, r in result.items())
                 + f"{note}  [{len(evaluated)} models, {elapsed:.0f} s]")
+            progress.update(i)
+    progress.close()
     timings["pruned_models_s"] = time.perf_counter() - t0
     timings["pruned_models"] = len(evaluated)
     timings["pruned_models_from_interrupted_run"] = resumed  # their time is not in pruned_models_s
