@@ -58,9 +58,9 @@ def _run_quick_path(tmp_path: Path, **variables) -> dict[str, subprocess.Complet
     for step in steps:
         script = "set -euo pipefail\n" + settings + "\n" + step + "\n"
         name = re.search(r"(converters|launch)/(\w+)\.py", step).group(2)
-        proc = subprocess.run(["bash", "-c", script + " 2>&1"], capture_output=True, text=True, cwd=REPO,
-                              env=env, timeout=600)
-        assert proc.returncode == 0, f"README step {name} failed:\n{step}\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
+        proc = subprocess.run(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=REPO, env=env, timeout=600)
+        assert proc.returncode == 0, f"README step {name} failed:\n{step}\n{proc.stdout[-6000:]}"
         results[name] = proc
     return results
 
