@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (CPU demo on a small trained MoE, 2 torchrun ranks) and `make test`.
-# Python 3.12 is required by megatron-core 0.19 (see pyproject.toml).
+# Python 3.12 is required by megatron-core 0.19 (see pyproject.toml). The venv gets CI's exact
+# versions (constraints.txt); pyproject.toml declares the tested ranges (README: Install).
 PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 VENV := .venv
@@ -14,11 +15,11 @@ VLLM_VERSION := 0.32.0
 
 .PHONY: setup demo test tools gpu-wheels serve-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -n "$(PY312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it)"; exit 1; }
 	test -x $(VENV)/bin/python || $(PY312) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -35,7 +36,7 @@ test: $(STAMP) $(SERVE_STAMP) tools
 
 # megatron-core as a wheel for the lent GPU machine (bench/gpu_check.sh; nothing is installable there)
 gpu-wheels: $(STAMP)
-	$(VENV)/bin/pip download -q --no-deps -d wheels megatron-core==0.19.2
+	$(VENV)/bin/pip download -q --no-deps -d wheels -c constraints.txt megatron-core
 
 # The serving engine's venv, built once. The registry's torchvision/torchaudio/torchcodec builds fail at
 # import against torch +cpu ("operator torchvision::nms does not exist") and vLLM's text path needs none.

@@ -3,6 +3,8 @@ place that turns bad input into a clear message and a non-zero exit."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +26,91 @@ def load_yaml_defaults(path: str | None, default: Path) -> dict:
     return values
 
 
-def run_main(main) -> None:
-    """Call main(); expected input errors exit 2 with one line naming the problem."""
+def third_party_log_path(script: str) -> Path:
+    """This rank's log file for other libraries' warnings.
+
+    EASYEP_WARNINGS_LOG_DIR, else the SLURM run's log directory (launch/slurm/launch_score.sh sets
+    EASYEP_RUN_LOG_DIR), else runs/logs/<script>-<run id> under the current directory. The run id
+    is torchrun's (the same on every rank of a run), or this process's id without torchrun."""
+    rank = os.environ.get("RANK", "0")
+    directory = os.environ.get("EASYEP_WARNINGS_LOG_DIR") or os.environ.get("EASYEP_RUN_LOG_DIR")
+    if not directory:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
+        directory = Path("runs") / "logs" / f"{script}-{run_id[:8]}"
+    return Path(directory) / f"{script}-rank{rank}.log"
+
+
+def _is_ours(path: str) -> bool:
+    """A warning raised from this checkout's code (not from an installed library)."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, ValueError):
+        return False
+    return resolved.is_relative_to(REPO) and "site-packages" not in resolved.parts
+
+
+class _TerminalFilter(logging.Filter):
+    """What still reaches the terminal: errors from anyone, and this project's own records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.split(".")[0] == "megatron_easyep"
+
+
+def route_third_party_output(script: str) -> Path:
+    """Send other libraries' warnings and log records to a per-rank file; keep ours on stderr.
+
+    Megatron-Core, Transformer Engine/Apex fall-backs, absl and torch.distributed each warn once
+    per rank at start-up; on N ranks that is N screens before the first progress line. Python
+    warnings raised outside this checkout, and log records below ERROR from loggers outside
+    megatron_easyep (torch's own handlers included), go to the file. Our warnings, every ERROR
+    record and every traceback still reach the terminal. Output that C/C++ libraries write
+    straight to file descriptor 2 (NCCL, gloo) is left alone: it can be the only trace of a hang.
+    Rank 0 prints the file's location once. Returns the path."""
+    import warnings
+
+    path = third_party_log_path(script)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(path, "a", buffering=1, encoding="utf-8")
+    log_file.write(f"# {script} rank {os.environ.get('RANK', '0')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    show_on_terminal = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if _is_ours(filename):
+            show_on_terminal(message, category, filename, lineno, file, line)
+        else:
+            log_file.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = showwarning
+    to_file = logging.StreamHandler(log_file)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.addFilter(_TerminalFilter())
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(to_file)
+    root.addHandler(to_terminal)
+    root.setLevel(logging.WARNING)
+    # torch configures its own "torch" logger (handlers of its own, no propagation): route it alike
+    import torch  # noqa: F401  (every launch needs it; importing it here sets up its loggers first)
+
+    torch_logger = logging.getLogger("torch")
+    for handler in list(torch_logger.handlers):
+        handler.addFilter(_TerminalFilter())
+    torch_logger.addHandler(to_file)
+    if os.environ.get("RANK", "0") == "0":
+        pattern = path.with_name(path.name.replace("-rank0.log", "-rank*.log"))
+        print(f"other libraries' warnings: {pattern}", file=sys.stderr, flush=True)
+    return path
+
+
+def run_main(main, quiet: str | None = None) -> None:
+    """Call main(); expected input errors exit 2 with one line naming the problem.
+
+    `quiet` (the script's name) routes other libraries' warnings to a per-rank log file first
+    (route_third_party_output); EASYEP_VERBOSE=1 keeps everything on the terminal."""
+    if quiet and os.environ.get("EASYEP_VERBOSE", "0") in ("", "0"):
+        route_third_party_output(quiet)
     from megatron_easyep.scoring.demos import DemoError
     from megatron_easyep.checkpoint.reader import CheckpointError
 

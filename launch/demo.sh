@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU demo on the small trained model (see README "A small trained model"):
+# The CPU demo on the small trained model (docs/demo.md; the model: docs/comparison.md):
 #   the shipped model (models/demo-moe; RETRAIN=1 trains one into runs/trained instead, which
 #   depends on the machine) -> score experts with 2 torchrun ranks (expert parallel 2) on its
 #   FP8 checkpoint -> keep KEEP=6 of its 16 experts per layer for "math" -> export a pruned FP8 HF

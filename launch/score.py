@@ -87,4 +87,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    _cli.run_main(main)
+    _cli.run_main(main, quiet="score")

@@ -82,4 +82,4 @@ def _main_with_clear_errors():
 
 
 if __name__ == "__main__":
-    _cli.run_main(_main_with_clear_errors)
+    _cli.run_main(_main_with_clear_errors, quiet="train_tiny")

@@ -122,7 +122,10 @@ def test_one_node_two_process_job_scores(tmp_path, tiny_ckpt, demos):
     assert per_rank == [("0", "stderr.log"), ("0", "stdout.log"), ("1", "stderr.log"), ("1", "stdout.log")]
     rank0_err = next(logs.rglob("0/stderr.log")).read_text()
     assert "wrote" in rank0_err and "scores.safetensors" in rank0_err
-    assert re.search(r"\[\S+ rank 1\]:", proc.stdout + proc.stderr)  # tee'd with a rank prefix
+    assert re.search(r"\[\S+ rank 0\]:", proc.stdout + proc.stderr)  # tee'd with a rank prefix
+    # other libraries' warnings: one file per rank in the run's log directory (launch/_cli.py)
+    run_logs = tmp_path / "scores.logs" / "job777-restart0"
+    assert (run_logs / "score-rank0.log").is_file() and (run_logs / "score-rank1.log").is_file()
     # a requeue of a finished job does nothing and succeeds
     again = _launch(tmp_path, _score_args(tiny_ckpt, demos, "scores"), shims=("srun",),
                     SLURM_JOB_ID=777, SLURM_RESTART_COUNT=1, SLURM_NTASKS_PER_NODE=2,

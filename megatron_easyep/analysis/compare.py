@@ -91,6 +91,7 @@ from megatron_easyep.analysis.report import (
 )
 from megatron_easyep.checkpoint import io
 from megatron_easyep.mcore import model as model_lib
+from megatron_easyep.progress import Progress
 from megatron_easyep.pruning import cprune
 from megatron_easyep.pruning.selection import (
     RANDOM_METRIC,
@@ -308,6 +309,7 @@ def _pruned_models(run: CompareRun, output: Path, config, scored, heldout, refs,
     requests = build_requests(run, list(scores.domains), config)
     selections, rows, evaluated, resumed = {}, [], {}, 0
     t0 = time.perf_counter()
+    progress = Progress("compare", len(requests), unit="models")
     with tempfile.TemporaryDirectory(prefix=".compare-exports-", dir=output) as tmp:
         for i, req in enumerate(requests, 1):
             sel = make_selection(req, scores, config, features, ranges)
@@ -341,6 +343,8 @@ def _pruned_models(run: CompareRun, output: Path, config, scored, heldout, refs,
             _log(f"{i}/{len(requests)} {req.label}: " + ", ".join(
                 f"{d} KL {r['kl']:.4f} top1 {r['top1']:.3f} ppl {r['ppl']:.2f}" for d, r in result.items())
                 + f"{note}  [{len(evaluated)} models, {elapsed:.0f} s]")
+            progress.update(i)
+    progress.close()
     return selections, rows, evaluated, resumed
 
 
