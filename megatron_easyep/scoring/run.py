@@ -150,12 +150,16 @@ def run_scoring(run: ScoreRun) -> Path | None:
         raise ScoringError(f"--resume: {work} belongs to a different run (checkpoint, demos, "
                            "length limits, dtype, FP8 mode or parallel layout differ)")
 
+    load_t0 = time.perf_counter()
     ckpt, model = model_lib.load_megatron_model(run.hf_checkpoint, dtype=dtype,
                                                 expert_parallel=run.expert_parallel,
                                                 dispatcher=run.dispatcher,
                                                 dequantize_at_load=run.dequantize_at_load,
                                                 stage_layers=stage_layers if run.pipeline_parallel > 1 else None,
                                                 logits=False)  # scores need no logits
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    load_seconds = time.perf_counter() - load_t0  # model build + this rank's weight reads
     from megatron.core import parallel_state
 
     provenance["fp8"] = fp8_emulation.configure_fp8(model, fp8_mode, cfg)
@@ -211,11 +215,14 @@ def run_scoring(run: ScoreRun) -> Path | None:
                 _log(layout, f"step {step + 1}/{steps}  rank0 tokens {tokens_done}  "
                              f"{tokens_done / max(elapsed, 1e-9):.0f} tokens/s")
     detach()
-    # the scoring loop's time, the slowest rank's (the last pipeline stage finishes last)
-    loop_seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
+    # the scoring loop's and the load's time, the slowest rank's (the last stage finishes last)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = torch.tensor([time.perf_counter() - t0, load_seconds], dtype=torch.float64, device=device)
     if dist.get_world_size() > 1:
-        dist.all_reduce(loop_seconds, op=dist.ReduceOp.MAX)
-    provenance["timing"] = {"scoring_loop_seconds": round(float(loop_seconds.item()), 3),
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    provenance["timing"] = {"load_seconds": round(float(seconds[1]), 3),
+                            "scoring_loop_seconds": round(float(seconds[0]), 3),
                             "steps_run": steps - start}
     gpu_telemetry.stop()
     per_rank_telemetry = telemetry.gather_summaries(gpu_telemetry.summary())  # every rank
