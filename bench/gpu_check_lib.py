@@ -25,6 +25,12 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def save_partial(ctx: dict, result: dict) -> None:
+    """A long phase's progress so far: kept in the JSON if the phase is killed at its timeout."""
+    if ctx.get("result_path"):
+        write_json(Path(ctx["result_path"]), dict(result, partial=True))
+
+
 def base_env(ctx: dict, extra: dict | None = None) -> dict:
     """The environment every launched process gets: this checkout first on the path, the NCCL
     route's variables, one OpenMP thread per rank on the 2-core CI machine."""

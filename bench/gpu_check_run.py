@@ -81,7 +81,7 @@ def run_phase_in_process(name: str, context: Path, result: Path) -> int:
 
 def _start(phase: Phase, ctx: dict, workdir: Path, timeout: float) -> tuple[subprocess.Popen, Path, float]:
     context, result = workdir / f"{phase.name}.context.json", workdir / f"{phase.name}.result.json"
-    lib.write_json(context, dict(ctx, timeout_s=timeout))
+    lib.write_json(context, dict(ctx, timeout_s=timeout, result_path=str(result)))
     result.unlink(missing_ok=True)
     with open(workdir / f"{phase.name}.phase.log", "w") as log:  # the child keeps its own handle
         proc = subprocess.Popen([sys.executable, __file__, "--run-phase", phase.name, "--context", str(context),
@@ -105,11 +105,15 @@ def _finish(phase: Phase, proc: subprocess.Popen, result: Path, started: float, 
         proc.wait()
     log = (workdir / f"{phase.name}.phase.log").read_text(errors="replace")
     entry = {"seconds": round(getattr(proc, "ended", time.monotonic()) - started, 2), "timeout_s": round(timeout, 1)}
+    partial = json.loads(result.read_text()) if result.exists() else None  # lib.save_partial's, if any
     if timed_out:
-        return entry | {"status": "timeout", "error": f"killed after {timeout:.0f} s\n{log[-lib.TAIL:]}"}
-    if proc.returncode != 0 or not result.exists():
-        return entry | {"status": "failed", "error": f"exit {proc.returncode}\n{log[-lib.TAIL:]}"}
-    out = json.loads(result.read_text())
+        return entry | {"status": "timeout", "error": f"killed after {timeout:.0f} s\n{log[-lib.TAIL:]}",
+                        "partial_result": partial}
+    if proc.returncode != 0 or partial is None:
+        return entry | {"status": "failed", "error": f"exit {proc.returncode}\n{log[-lib.TAIL:]}",
+                        "partial_result": partial}
+    out = partial
+    out.pop("partial", None)
     failed = [c for c in out.get("checks", []) if not c["ok"]]
     entry.update(status="failed" if failed else "ok", result=out)
     if failed:

@@ -146,6 +146,7 @@ def phase_v3_generate(ctx: dict) -> dict:
     preset, over = _overrides(ctx, n)
     ckpt = workdir / "v3_checkpoint"
     device = None if ctx["dry"] else "cuda"
+    lib.save_partial(ctx, result)
     print(f"generating {preset} FP8, 1 dense + {n} MoE layers, on {device or 'cpu'} -> {ckpt}", flush=True)
     t0 = time.perf_counter()
     make_tiny_checkpoint(ckpt, preset, fp8=True, num_shards=1 + n, overwrite=True, device=device, **over)
@@ -232,6 +233,7 @@ def _export_and_evaluate(ctx, result, ckpt: Path, scores: Path, demos, keep: int
     written = sum(f.stat().st_size for f in pruned.glob("*.safetensors")) if run["rc"] == 0 else 0
     result["export"] = {"run": run, "output_dir": str(pruned), "keep": keep, "bytes": written,
                         "seconds": run["seconds"], "GBps": written / run["seconds"] / 1e9 if written else None}
+    lib.save_partial(ctx, result)
     if not lib.check(result["checks"], "export", run["rc"] == 0, lib.failure_text(run) if run["rc"] else f"{written} bytes"):
         return
     cfg = json.loads((pruned / "config.json").read_text())
@@ -273,6 +275,7 @@ def phase_v3(ctx: dict) -> dict:
         result["score"][role] = row
         if lib.check(result["checks"], f"score --fp8 {mode}", "error" not in row, row.get("error", "")):
             row["load_GBps"] = gen["bytes"] / row["load_seconds"] / 1e9
+        lib.save_partial(ctx, result)
     if all("error" not in result["score"][r] for r in ("none", "fp8")):
         a = load_file(str(work / "v3_scores_none" / "scores.safetensors"))["easyep"]
         b = load_file(str(work / "v3_scores_fp8" / "scores.safetensors"))["easyep"]
