@@ -161,3 +161,48 @@ def test_compare_helpers_by_hand():
     b = torch.tensor([[3.0, 2.0, 0.0, 1.0], [3.0, 2.0, 1.0, 0.0]])
     assert lib.topm_overlap(a, b, 2) == [1.0, 0.0]
     assert lib.rel_err(a, b) == 1.0 and lib.rel_err(b, b) == 0.0
+
+
+def test_projection_reads_the_check_and_tags_every_figure(dry, capsys):
+    """bench/gpu_check_projection.py: the GPU run's figures replace the estimates, tagged measured."""
+    import gpu_check_projection
+
+    path = dry[1] / "gpu_check.json"
+    gpu_check_projection.main(["--from", str(path)])
+    text = capsys.readouterr().out
+    assert "measured, dry" in text and "| estimate: effective all-to-all" in text  # not measured yet
+    assert text.count("| 2x8 H800") == 1 and text.count("| 1x8 H200") == 2
+    measured = gpu_check_projection.from_gpu_check(path)
+    assert set(measured) == {"layer_s_16k", "layer_s_16k_ep1", "loader_GBps", "storage_GBps", "export_GBps"}
+
+
+def test_ranks_sharing_a_gpu_pick_their_device_and_nccl_hostid(monkeypatch):
+    """mcore/parallel.py's device choice, with torch.cuda's device count and set_device replaced
+    (no GPU here): two ranks on one GPU wrap to device 0 only with EASYEP_SHARE_GPU=1, and then
+    get their own NCCL_HOSTID only when asked."""
+    from megatron_easyep.mcore import parallel
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.delenv("NCCL_HOSTID", raising=False)
+    monkeypatch.delenv(parallel.SHARE_GPU_ENV, raising=False)
+    with pytest.raises(ValueError, match="LOCAL_RANK 1 but only 1 CUDA device"):
+        parallel._select_cuda_device()
+    monkeypatch.setenv(parallel.SHARE_GPU_ENV, "1")
+    parallel._select_cuda_device()
+    assert chosen == [0] and "NCCL_HOSTID" not in os.environ
+    monkeypatch.setenv(parallel.NCCL_HOSTID_PER_RANK_ENV, "1")
+    parallel._select_cuda_device()
+    assert chosen == [0, 0] and os.environ["NCCL_HOSTID"] == "easyep-rank5"
+
+
+def test_generator_on_an_explicit_cpu_device_draws_the_same_weights():
+    from megatron_easyep.checkpoint import tiny
+
+    spec = tiny._linear("model.layers.1.mlp.experts.3.up_proj.weight", 48, 64)
+    assert torch.equal(tiny.generate_tensor(spec, 7), tiny.generate_tensor(spec, 7, "cpu"))
+    q_default, q_cpu = tiny._stored_tensors(spec, 7, (32, 16)), tiny._stored_tensors(spec, 7, (32, 16), "cpu")
+    assert all(torch.equal(q_default[k].view(torch.uint8), q_cpu[k].view(torch.uint8)) for k in q_default)
