@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp8", action="store_true", help="DeepSeek block-wise FP8 weights + *_scale_inv")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=3)
+    parser.add_argument("--device", default=None,
+                        help="draw and quantise the weights here (cuda: fast at real widths; other values "
+                             "than the CPU's for the same seed)")
     parser.add_argument(
         "--set", dest="overrides", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
         help="config.json override, value parsed as JSON (repeatable)",
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for key, _ in args.overrides:
-        if key in ("fp8", "seed", "num_shards", "overwrite", "preset", "out_dir", "output"):
+        if key in ("fp8", "seed", "num_shards", "overwrite", "preset", "out_dir", "output", "device"):
             parser.error(f"--set {key}: not a config.json key; use the command-line option instead")
     try:
         path = make_tiny_checkpoint(
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             num_shards=args.num_shards,
             overwrite=args.overwrite,
+            device=args.device,
             **dict(args.overrides),
         )
     except (CheckpointError, ValueError, FileExistsError) as exc:

@@ -2,9 +2,10 @@
 # Launch logic shared by score_single_node.sbatch and score_multi_node.sbatch (and usable alone
 # inside any SLURM allocation): one torchrun per node via srun, running launch/score.py.
 #
-#   launch_score.sh --hf-checkpoint DIR --demos FILE[:DOMAIN] [--demos ...] --output DIR [score.py options]
+#   launch_score.sh [--dry-run] --hf-checkpoint DIR --demos FILE[:DOMAIN] [--demos ...] --output DIR [score.py options]
 #
-# Every score.py option passes through. What this script adds:
+# --dry-run (= EASYEP_DRY_RUN=1) prints the srun and torchrun lines, with the layout worked out as
+# below, instead of running them. Every score.py option passes through. What this script adds:
 #   * rendezvous: the first host of SLURM_JOB_NODELIST (`scontrol show hostnames` when available,
 #     else parsed here) on port EASYEP_MASTER_PORT (default 20000 + SLURM_JOB_ID % 20000);
 #     a single node uses torchrun --standalone (a free local port).
@@ -312,6 +313,14 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   if [[ "${1:-}" == "--node-task" ]]; then
     node_main
   else
-    job_main "$@"
+    job_args=()
+    for arg in "$@"; do
+      if [[ "$arg" == --dry-run ]]; then
+        export EASYEP_DRY_RUN=1  # node tasks (srun) inherit it
+      else
+        job_args+=("$arg")
+      fi
+    done
+    job_main "${job_args[@]}"
   fi
 fi

@@ -67,6 +67,25 @@ def check_layout(world: int, expert_parallel: int, pipeline_parallel: int = 1) -
                          f"--expert-parallel {expert_parallel} must divide the world size {world}")
 
 
+SHARE_GPU_ENV = "EASYEP_SHARE_GPU"  # "1": several ranks per GPU (bench/gpu_check_run.py on one GPU)
+NCCL_HOSTID_PER_RANK_ENV = "EASYEP_NCCL_HOSTID_PER_RANK"
+
+
+def _select_cuda_device() -> None:
+    """One GPU per local rank. With EASYEP_SHARE_GPU=1 local ranks wrap onto the visible GPUs;
+    EASYEP_NCCL_HOSTID_PER_RANK=1 then gives each rank its own NCCL_HOSTID before the first NCCL
+    call, because NCCL < 2.30.3 refuses two ranks of one host on one GPU ("Duplicate GPU")."""
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if os.environ.get(SHARE_GPU_ENV) == "1":
+        if os.environ.get(NCCL_HOSTID_PER_RANK_ENV) == "1":
+            os.environ["NCCL_HOSTID"] = f"easyep-rank{os.environ.get('RANK', '0')}"
+        local %= count
+    elif local >= count:
+        raise ValueError(f"LOCAL_RANK {local} but only {count} CUDA device(s) are visible: start at most "
+                         f"one process per GPU (or set {SHARE_GPU_ENV}=1 to share GPUs, for tests)")
+    torch.cuda.set_device(local)
+
+
 def init_parallel(expert_parallel: int = 1, seed: int = 1234, pipeline_parallel: int = 1,
                   stage_layers: list[int] | None = None) -> Layout:
     """Initialise torch.distributed (if needed) and Megatron's parallel_state. `stage_layers`
@@ -77,7 +96,7 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234, pipeline_parallel:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            _select_cuda_device()
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM launcher
             dist.init_process_group(backend=backend)
         else:

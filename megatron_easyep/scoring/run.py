@@ -174,12 +174,13 @@ def run_scoring(run: ScoreRun) -> Path | None:
                                                      "batching")})
     _prepare_work(run, work, layout, run_id)
     observer = ScoreObserver(domains, len(demo_list), cprune_features=run.cprune_features)
-    session.load_model([observer])
+    load_seconds = _timed(session.device, lambda: session.load_model([observer]))
     provenance["fp8"] = fp8_emulation.configure_fp8(session.model, fp8_mode, session.cfg)
     plan = session.plan(demo_list, run.micro_batch_tokens, per_step)
     provenance["batching"]["micro_batches"] = plan.micro_batches
     start = _resume(run, work, layout, observer.scorer, plan.steps)
-    provenance["timing"], telemetry_summary = _timed_loop(run, session, plan, observer, work, run_id, start)
+    provenance["timing"], telemetry_summary = _timed_loop(run, session, plan, observer, work, run_id, start,
+                                                          load_seconds)
     if telemetry_summary is not None:
         provenance["gpu_telemetry"] = telemetry_summary
     features = observer.finalize(session)
@@ -206,10 +207,20 @@ def _resume(run: ScoreRun, work: Path, layout, scorer: ExpertScorer, steps: int)
     return start
 
 
+def _timed(device, work) -> float:
+    """Seconds `work()` takes on this rank, its GPU work included."""
+    t0 = time.perf_counter()
+    work()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def _timed_loop(run: ScoreRun, session: ModelSession, plan, observer: ScoreObserver, work: Path,
-                run_id: str, start: int) -> tuple[dict, dict | None]:
+                run_id: str, start: int, load_seconds: float) -> tuple[dict, dict | None]:
     """The forward loop with snapshots, timed (the slowest rank's: the last stage finishes last)
-    and with GPU telemetry. Returns the timing record and every rank's telemetry (or None)."""
+    and with GPU telemetry. Returns the timing record (with the slowest rank's model load) and
+    every rank's telemetry (or None)."""
     from megatron_easyep.scoring import telemetry
 
     layout = session.layout
@@ -218,13 +229,14 @@ def _timed_loop(run: ScoreRun, session: ModelSession, plan, observer: ScoreObser
         if next_step % run.checkpoint_every == 0 and next_step < plan.steps:
             _save_state(work, layout.rank, observer.scorer, next_step, run_id)
 
-    t0 = time.perf_counter()
     gpu_telemetry = telemetry.GpuTelemetry(run.telemetry_interval).start()
-    forward_loop(session, plan, [observer], start=start, after_step=after_step, progress="score")
-    loop_seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=session.device)
+    loop_seconds = _timed(session.device, lambda: forward_loop(session, plan, [observer], start=start,
+                                                                after_step=after_step, progress="score"))
+    seconds = torch.tensor([loop_seconds, load_seconds], dtype=torch.float64, device=session.device)
     if dist.get_world_size() > 1:
-        dist.all_reduce(loop_seconds, op=dist.ReduceOp.MAX)
-    timing = {"scoring_loop_seconds": round(float(loop_seconds.item()), 3), "steps_run": plan.steps - start}
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    timing = {"load_seconds": round(float(seconds[1]), 3),
+              "scoring_loop_seconds": round(float(seconds[0]), 3), "steps_run": plan.steps - start}
     gpu_telemetry.stop()
     per_rank_telemetry = telemetry.gather_summaries(gpu_telemetry.summary())  # every rank
     if per_rank_telemetry is not None:
