@@ -130,14 +130,15 @@ def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.floa
 
 
 def build_model(cfg: DeepseekV3Config, tcfg, *, fp8_resident: bool = False,
-                logits: bool = True):
+                logits: bool = True, fused_experts: bool = True):
     """GPTModel with Megatron-Core's local layer spec (MLA adapted in mcore.patches). With
     `fp8_resident`, every attention / MLP / expert linear holds FP8 codes + block scales instead of
     a high-precision weight (patches.fp8_resident_layer_spec; filled by load_weights).
     Under pipeline parallelism this builds this rank's stage (parallel_state must be initialised):
     its decoder layers, the embedding on the first stage, the final norm + output layer on the
     last. `logits=False` builds no final norm and no output layer at all (scoring: the model
-    returns hidden states)."""
+    returns hidden states). `fused_experts=False` keeps Megatron's SequentialMLP (the experts'
+    weights then live in separate tensors)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -149,6 +150,8 @@ def build_model(cfg: DeepseekV3Config, tcfg, *, fp8_resident: bool = False,
         patches.adapt_local_layer_spec(layer_spec, tcfg)
     if fp8_resident:
         block_spec.layer_specs = [patches.fp8_resident_layer_spec(s) for s in block_spec.layer_specs]
+    if fused_experts:  # routed experts stacked per layer, run together on a GPU (mcore/fused_experts.py)
+        block_spec.layer_specs = [patches.fused_experts_layer_spec(s) for s in block_spec.layer_specs]
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=block_spec,
@@ -296,7 +299,7 @@ def _return_large_frees_to_the_os() -> None:
 def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_parallel: int = 1,
                         dispatcher: str = "alltoall", ep_rank: int | None = None,
                         dequantize_at_load: bool = False, stage_layers: list[int] | None = None,
-                        logits: bool = True):
+                        logits: bool = True, fused_experts: bool = True):
     """Checkpoint dir -> (HFCheckpoint, loaded GPTModel in eval mode). parallel_state must be
     initialised (see parallel.init_parallel). FP8 checkpoints are held FP8-resident (the
     checkpoint's bytes + block scales, dequantised per GEMM) unless `dequantize_at_load`.
@@ -310,7 +313,7 @@ def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_
         _return_large_frees_to_the_os()
     tcfg = transformer_config(ckpt.config, dtype=dtype, expert_parallel=expert_parallel,
                               dispatcher=dispatcher, stage_layers=stage_layers)
-    model = build_model(ckpt.config, tcfg, fp8_resident=fp8_resident, logits=logits)
+    model = build_model(ckpt.config, tcfg, fp8_resident=fp8_resident, logits=logits, fused_experts=fused_experts)
     if ep_rank is None:
         ep_rank = parallel_state.get_expert_model_parallel_rank()
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset

@@ -377,6 +377,58 @@ def fp8_resident_layer_spec(layer_spec):
     return layer_spec
 
 
+# ---- fused experts (issue 22; helper "fused"): the one spec swap, to be ported into compat/ ----
+
+def fused_experts_layer_spec(layer_spec):
+    """A copy of one TransformerLayer spec whose routed experts (SequentialMLP) are
+    mcore.fused_experts.FusedExperts: the same module with every local expert's weights stacked
+    per layer, running all experts in a few launches on a GPU (the loop elsewhere). Everything
+    else in the spec, the expert linears' classes included (FP8-resident or not), is kept; specs
+    are copied on the way down, never changed in place. A spec without SequentialMLP (a dense
+    layer) comes back as it is."""
+    import copy
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_easyep.mcore.fused_experts import FusedExperts
+
+    def swap(value):
+        if isinstance(value, functools.partial):
+            sub = value.keywords.get("submodules")
+            new_sub = swap_fields(sub)
+            func = FusedExperts if value.func is SequentialMLP else value.func
+            if func is value.func and new_sub is sub:
+                return value
+            keywords = {**value.keywords, **({"submodules": new_sub} if sub is not None else {})}
+            return functools.partial(func, *value.args, **keywords)
+        if hasattr(value, "module") and hasattr(value, "submodules"):  # ModuleSpec
+            new_sub = swap_fields(value.submodules)
+            module = FusedExperts if value.module is SequentialMLP else value.module
+            if module is value.module and new_sub is value.submodules:
+                return value
+            spec = copy.copy(value)
+            spec.module, spec.submodules = module, new_sub
+            return spec
+        return value
+
+    def swap_fields(submodules):
+        if not dataclasses.is_dataclass(submodules) or isinstance(submodules, type):
+            return submodules
+        changes = {}
+        for field in dataclasses.fields(submodules):
+            old = getattr(submodules, field.name)
+            new = swap(old)
+            if new is not old:
+                changes[field.name] = new
+        return dataclasses.replace(submodules, **changes) if changes else submodules
+
+    return swap(layer_spec)
+
+# ---- end of fused experts ----
+
+
 def fp8_resident_linears(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every FP8-resident linear in `model`."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Fp8ResidentLinear)]
