@@ -136,7 +136,7 @@ def w2_grouped(q, qs, w2, s2, table, *, block, out_dtype, block_m=DEFAULT_BLOCK_
         kernel[(num_tiles, triton.cdiv(n, block_n))](
             q, qs, w2, s2, table, y, num_tiles, n, k,
             q.stride(0), qs.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), y.stride(0),
-            BLOCK_ROWS=bm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk)
+            BLOCK_ROWS=bm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, OUT_DTYPE=_TL_DTYPES[out_dtype])
     return y
 
 
@@ -185,7 +185,7 @@ def dequantize_stacked(codes: torch.Tensor, scales: torch.Tensor, part_rows: tup
         kernel[(experts, triton.cdiv(n, tile_n), triton.cdiv(k, bk))](
             codes, scales, out, n, k, part_rows[0], math.ceil(part_rows[0] / bm),
             codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
-            BLOCK_ROWS=bm, BLOCK_COLS=bk, TILE_N=tile_n)
+            BLOCK_ROWS=bm, BLOCK_COLS=bk, TILE_N=tile_n, OUT_DTYPE=_TL_DTYPES[dtype])
     return out
 
 

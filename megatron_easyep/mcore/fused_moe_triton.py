@@ -25,6 +25,18 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def round_to(v, DTYPE: tl.constexpr):
+    # fp32 v rounded to DTYPE (round to nearest, ties to even), returned in fp32. bf16 is rounded
+    # in integer arithmetic first, because the interpreter's fp32 -> bf16 cast truncates (the GPU's
+    # cvt.rn rounds); the cast of the rounded value is then exact on both.
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
 def load_tile(table_ptr, num_tiles, pid):
     expert = tl.load(table_ptr + pid)
     start = tl.load(table_ptr + num_tiles + pid)
@@ -70,12 +82,12 @@ def w13_glu_quant_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, probs_ptr, table_ptr, q_p
         acc_up += tl.dot(a, b_up, out_dtype=tl.float32) * a_s[:, None] * up_s[None, :]
     # Megatron's MLP on the per-expert path: fc1 output in the model dtype, then
     # silu(gate) * (up + glu_linear_offset), times the row's combine weight, each rounded
-    gate = acc_gate.to(OUT_DTYPE).to(tl.float32)
-    up = (acc_up.to(OUT_DTYPE).to(tl.float32) + glu_offset).to(OUT_DTYPE).to(tl.float32)
-    silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(OUT_DTYPE).to(tl.float32)
-    h = (silu * up).to(OUT_DTYPE).to(tl.float32)
+    gate = round_to(acc_gate, OUT_DTYPE)
+    up = round_to(round_to(acc_up, OUT_DTYPE) + glu_offset, OUT_DTYPE)
+    silu = round_to(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), OUT_DTYPE)
+    h = round_to(silu * up, OUT_DTYPE)
     prob = tl.load(probs_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)
-    h = (h * prob[:, None]).to(OUT_DTYPE).to(tl.float32)
+    h = round_to(h * prob[:, None], OUT_DTYPE)
     mask = m_mask[:, None] & n_mask[None, :]
     h = tl.where(mask, h, 0.0)  # columns past I do not raise the group's amax
     if STORE_PRE:  # tests: the values the second quantisation saw
@@ -93,7 +105,7 @@ def w13_glu_quant_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, probs_ptr, table_ptr, q_p
 def w2_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, table_ptr, c_ptr, num_tiles, N, K,
               stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
               BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
     expert, start, end = load_tile(table_ptr, num_tiles, tl.program_id(0))
     if expert < 0:
         return
@@ -117,13 +129,14 @@ def w2_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, table_ptr, c_ptr, num_tiles, N, K,
         b_s = tl.load(ws_e + s_rows * stride_wsn + kb, mask=n_mask, other=0.0)
         acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :],
-             acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+             round_to(acc, OUT_DTYPE).to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, part0_rows, part1_scale_row0,
                    stride_qe, stride_qn, stride_se, stride_sn, stride_oe, stride_on,
-                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_N: tl.constexpr):
+                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_N: tl.constexpr,
+                   OUT_DTYPE: tl.constexpr):
     # out[e, n, k] = float(q[e, n, k]) * scale(e, n, k): one fp32 product, rounded to out's dtype
     e = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * TILE_N + tl.arange(0, TILE_N)
@@ -135,4 +148,4 @@ def dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, part0_rows, part1_scale_row0,
     q = tl.load(q_ptr + e * stride_qe + offs_n[:, None] * stride_qn + offs_k[None, :], mask=mask, other=0.0)
     out = q.to(tl.float32) * s[:, None]
     tl.store(out_ptr + e * stride_oe + offs_n[:, None] * stride_on + offs_k[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask)
+             round_to(out, OUT_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
