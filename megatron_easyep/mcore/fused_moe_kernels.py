@@ -119,7 +119,8 @@ def w13_glu_quant(xq, xs, w13, s13, probs, table, *, block, out_dtype, glu_offse
             xq.stride(0), xs.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
             q.stride(0), s.stride(0), pre.stride(0),
             BLOCK_ROWS=bm, BLOCK_M=block_m, BLOCK_N=bk, OUT_DTYPE=_TL_DTYPES[out_dtype], STORE_PRE=store_pre,
-            MIN_AMAX=MIN_BLOCK_AMAX, FP8_MAX=FP8_E4M3_MAX)
+            MIN_AMAX=MIN_BLOCK_AMAX, FP8_MAX=FP8_E4M3_MAX,
+            num_warps=8, num_stages=3)  # two BLOCK_M x bk fp32 accumulators: 8 warps keep them in registers
     return (q, s, pre) if store_pre else (q, s)
 
 
@@ -136,7 +137,8 @@ def w2_grouped(q, qs, w2, s2, table, *, block, out_dtype, block_m=DEFAULT_BLOCK_
         kernel[(num_tiles, triton.cdiv(n, block_n))](
             q, qs, w2, s2, table, y, num_tiles, n, k,
             q.stride(0), qs.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), y.stride(0),
-            BLOCK_ROWS=bm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, OUT_DTYPE=_TL_DTYPES[out_dtype])
+            BLOCK_ROWS=bm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, OUT_DTYPE=_TL_DTYPES[out_dtype],
+            num_warps=4, num_stages=3)
     return y
 
 
