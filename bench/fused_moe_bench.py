@@ -88,8 +88,11 @@ def make_weights(shape: dict, experts: int, device):
         w2[e], s2[e] = quantize_fp8_blockwise(torch.randn(hidden, inter, generator=gen, device=device) / inter ** 0.5,
                                               block)
     l13, l2 = fp8_gemm.Fp8Layout((inter, inter), block), fp8_gemm.Fp8Layout((hidden,), block)
-    b13 = torch.stack([fp8_gemm.dequantize_weight(w13[e], s13[e], l13, torch.bfloat16) for e in range(experts)])
-    b2 = torch.stack([fp8_gemm.dequantize_weight(w2[e], s2[e], l2, torch.bfloat16) for e in range(experts)])
+    b13 = torch.empty(w13.shape, dtype=torch.bfloat16, device=device)  # filled in place: no second copy
+    b2 = torch.empty(w2.shape, dtype=torch.bfloat16, device=device)
+    for e in range(experts):
+        b13[e] = fp8_gemm.dequantize_weight(w13[e], s13[e], l13, torch.bfloat16)
+        b2[e] = fp8_gemm.dequantize_weight(w2[e], s2[e], l2, torch.bfloat16)
     return {"w13": w13, "s13": s13, "w2": w2, "s2": s2, "b13": b13, "b2": b2, "l13": l13, "l2": l2}
 
 

@@ -184,3 +184,23 @@ def test_spec_swap_replaces_only_sequential_mlp():
     dense = type("Spec", (), {})()
     dense.module, dense.submodules = "TransformerLayer", LayerSub("MLP", "attention")
     assert patches.fused_experts_layer_spec(dense) is dense
+
+
+def test_expert_stack_is_loaded_in_place_restacks_and_notices_breakage():
+    from megatron_easyep.mcore.fused_experts import ExpertStack
+
+    linears = [torch.nn.Linear(4, 6, bias=False) for _ in range(3)]
+    originals = [lin.weight.detach().clone() for lin in linears]
+    stack = ExpertStack(linears)
+    assert stack.broken_reason() is None and stack.weights.shape == (3, 6, 4)
+    assert all(torch.equal(stack.weights[e], originals[e]) for e in range(3))
+    with torch.no_grad():
+        linears[1].weight.copy_(torch.ones(6, 4))  # what the loader does to a Parameter
+    assert torch.equal(stack.weights[1], torch.ones(6, 4))
+    torch.nn.ModuleList(linears).to(torch.float64)  # Module._apply: every weight gets its own storage
+    assert "no longer a view" in stack.broken_reason()
+    stack.restack()
+    assert stack.broken_reason() is None and stack.weights.dtype == torch.float64
+    assert torch.equal(stack.weights[1], torch.ones(6, 4, dtype=torch.float64))
+    linears[2].weight = torch.nn.Parameter(torch.zeros(6, 4, dtype=torch.float64))  # a weight held apart
+    assert "local expert 2" in stack.broken_reason()
