@@ -162,6 +162,7 @@ def run_case(case, gen) -> dict:
     return {
         "case": name, "dtype": str(dtype), "rows": x.shape[0], "counts": counts.tolist(),
         "table_matches": live == _table_oracle(counts, block_m),
+        "table_equals_torch_ops": torch.equal(table, K.block_table_torch(counts, x.shape[0], block_m)),
         "input_codes_equal": torch.equal(xq.view(torch.uint8), q_ref.view(torch.uint8)),
         "input_scales_equal": torch.equal(xs, s_ref),
         "epilogue_codes_equal": torch.equal(hq.view(torch.uint8), pre_q.view(torch.uint8)),

@@ -61,6 +61,7 @@ CASE_NAMES = ["edge_blocks_empty_expert", "top8_32_experts", "one_expert_top1", 
 def test_grouping_and_both_quantisations_are_exact(kernels, name):
     case = _case(kernels, name)
     assert case["table_matches"], case  # one tile table over all experts, empty experts have no tile
+    assert case["table_equals_torch_ops"], case  # the one-launch Triton table = the torch-ops table
     assert case["input_codes_equal"] and case["input_scales_equal"], case  # the rows, once per 1 x bk group
     # SiLU·mul·g quantised in the w13 epilogue: bit-exact DeepSeek quantisation of what it saw
     assert case["epilogue_codes_equal"] and case["epilogue_scales_equal"], case
@@ -149,7 +150,7 @@ def test_block_table_by_hand():
     assert table.shape == (3, max_tiles(30, 4, 8)) == (3, 8)
     live = [tuple(t) for t in table.t().tolist() if t[0] >= 0]
     assert live == [(0, 0, 5), (2, 5, 14), (2, 13, 14), (3, 14, 30), (3, 22, 30)]
-    assert (table[0, len(live):] == -1).all()
+    assert (table[0, len(live):] == -1).all() and (table[1:, len(live):] == 0).all()
 
 
 def test_spec_swap_replaces_only_sequential_mlp():

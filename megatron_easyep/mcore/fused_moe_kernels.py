@@ -49,7 +49,7 @@ _TL_DTYPES = None
 
 
 def _kernels():
-    """(triton, w13_glu_quant_kernel, w2_kernel, dequant_kernel), imported on first use."""
+    """(triton, w13_glu_quant_kernel, w2_kernel, dequant_kernel, tile_table_kernel), on first use."""
     global _KERNELS, _TL_DTYPES
     if _KERNELS is None:
         import triton
@@ -58,7 +58,8 @@ def _kernels():
         from megatron_easyep.mcore import fused_moe_triton as kernels
 
         _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-        _KERNELS = (triton, kernels.w13_glu_quant_kernel, kernels.w2_kernel, kernels.dequant_kernel)
+        _KERNELS = (triton, kernels.w13_glu_quant_kernel, kernels.w2_kernel, kernels.dequant_kernel,
+                    kernels.tile_table_kernel)
     return _KERNELS
 
 
@@ -82,7 +83,22 @@ def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
 
 def block_table(counts: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
     """int32 [3, max_tiles]: per BLOCK_M-row tile of rows grouped by expert, (expert, first row,
-    end row); tiles past the last are (-1, ., .). Computed on `counts`' device: no host sync."""
+    end row); tiles past the last are (-1, 0, 0). Computed on `counts`' device, no host sync: one
+    Triton launch on CUDA (and under the interpreter), a few torch ops elsewhere."""
+    if counts.is_cuda or _interpreting():
+        triton, _, _, _, kernel = _kernels()
+        num_tiles = max_tiles(num_rows, counts.numel(), block_m)
+        table = torch.empty((3, num_tiles), dtype=torch.int32, device=counts.device)
+        tiles_per_program = 128
+        kernel[(triton.cdiv(num_tiles, tiles_per_program),)](
+            counts, table, counts.numel(), num_tiles, BLOCK_M=block_m,
+            EXPERTS_P2=max(16, triton.next_power_of_2(counts.numel())), TILES=tiles_per_program)
+        return table
+    return block_table_torch(counts, num_rows, block_m)
+
+
+def block_table_torch(counts: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
+    """block_table in torch ops (CPU without the interpreter; the kernel's cross-check)."""
     counts = counts.to(torch.int64)
     num_experts = counts.numel()
     tiles = torch.div(counts + (block_m - 1), block_m, rounding_mode="floor")
@@ -93,7 +109,9 @@ def block_table(counts: torch.Tensor, num_rows: int, block_m: int) -> torch.Tens
     valid = expert < num_experts
     e = expert.clamp(max=num_experts - 1)
     start = row_end[e] - counts[e] + (tile - (tile_end[e] - tiles[e])) * block_m
-    return torch.stack([torch.where(valid, e, -1), start, row_end[e]]).to(torch.int32)
+    zero = torch.zeros_like(start)
+    return torch.stack([torch.where(valid, e, -1), torch.where(valid, start, zero),
+                        torch.where(valid, row_end[e], zero)]).to(torch.int32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,7 +122,7 @@ def w13_glu_quant(xq, xs, w13, s13, probs, table, *, block, out_dtype, glu_offse
                   block_m=DEFAULT_BLOCK_M, store_pre=False):
     """(codes [R, I] e4m3, scales [R, cdiv(I, bk)] fp32[, pre-quantisation values fp32]) of
     quantise(silu(x W_gate^T) * (x W_up^T + offset) * probs) per 1 x bk group, all experts at once."""
-    triton, kernel, _, _ = _kernels()
+    triton, kernel, _, _, _ = _kernels()
     check_triton_block(block)
     bm, bk = int(block[0]), int(block[1])
     rows, k = xq.shape
@@ -126,7 +144,7 @@ def w13_glu_quant(xq, xs, w13, s13, probs, table, *, block, out_dtype, glu_offse
 
 def w2_grouped(q, qs, w2, s2, table, *, block, out_dtype, block_m=DEFAULT_BLOCK_M, block_n=128):
     """y [R, H] = per row, (q * qs) @ W2[expert]^T with fp32 accumulation, in out_dtype."""
-    triton, _, kernel, _ = _kernels()
+    triton, _, kernel, _, _ = _kernels()
     check_triton_block(block)
     bm, bk = int(block[0]), int(block[1])
     rows, k = q.shape
@@ -179,7 +197,7 @@ def dequantize_stacked(codes: torch.Tensor, scales: torch.Tensor, part_rows: tup
         for e in range(codes.shape[0]):
             out[e] = fp8_gemm.dequantize_weight(codes[e], scales[e], layout, dtype)
         return out
-    triton, _, _, kernel = _kernels()
+    triton, _, _, kernel, _ = _kernels()
     experts, n, k = codes.shape
     out = torch.empty((experts, n, k), dtype=dtype, device=codes.device)
     tile_n = 64

@@ -149,3 +149,26 @@ def dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, part0_rows, part1_scale_row0,
     out = q.to(tl.float32) * s[:, None]
     tl.store(out_ptr + e * stride_oe + offs_n[:, None] * stride_on + offs_k[None, :],
              round_to(out, OUT_DTYPE).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tile_table_kernel(counts_ptr, table_ptr, num_experts, num_tiles,
+                      BLOCK_M: tl.constexpr, EXPERTS_P2: tl.constexpr, TILES: tl.constexpr):
+    # per tile t: its expert = how many experts end (in tiles) at or before t; its first row = the
+    # rows of those experts plus t's offset inside its expert. Masked sums, no gather.
+    t = tl.program_id(0) * TILES + tl.arange(0, TILES)
+    e = tl.arange(0, EXPERTS_P2)
+    counts = tl.load(counts_ptr + e, mask=e < num_experts, other=0).to(tl.int64)
+    tiles = (counts + (BLOCK_M - 1)) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    before = tile_end[None, :] <= t[:, None]
+    expert = tl.sum(before.to(tl.int64), axis=1)
+    first_tile = tl.sum(tl.where(before, tiles[None, :], 0), axis=1)
+    row_start = tl.sum(tl.where(before, counts[None, :], 0), axis=1)
+    count = tl.sum(tl.where(e[None, :] == expert[:, None], counts[None, :], 0), axis=1)
+    live = t < num_tiles
+    valid = expert < num_experts  # past the last tile: (-1, 0, 0)
+    tl.store(table_ptr + t, tl.where(valid, expert, -1).to(tl.int32), mask=live)
+    tl.store(table_ptr + num_tiles + t, tl.where(valid, row_start + (t - first_tile) * BLOCK_M, 0).to(tl.int32),
+             mask=live)
+    tl.store(table_ptr + 2 * num_tiles + t, tl.where(valid, row_start + count, 0).to(tl.int32), mask=live)
