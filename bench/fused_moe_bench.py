@@ -2,6 +2,7 @@
 
     python bench/fused_moe_bench.py --out FILE.json            (a CUDA GPU; H100/H200)
     python bench/fused_moe_bench.py --out FILE.json --quick    (only 32 experts x 8192 tokens, both routings)
+    python bench/fused_moe_bench.py --out FILE.json --budget-s 300   (the target point first, then what fits)
     python bench/fused_moe_bench.py --out FILE.json --dry      (CPU, tiny widths, Triton interpreter)
 
 Workload: hidden 7168, expert intermediate 2048, 128 x 128 FP8 blocks, 256 routed experts, top-8;
@@ -394,6 +395,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSON file to write")
     p.add_argument("--dry", action="store_true", help="tiny widths on CPU under the Triton interpreter")
     p.add_argument("--quick", action="store_true", help="only the target point: 32 experts, 8192 tokens")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new configuration after this many seconds (the target point runs first)")
     args = p.parse_args(argv)
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined (on first use)
@@ -427,18 +430,24 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     dtype = torch.bfloat16
+    began = time.time()
     w_all = make_weights(shape, max(shape["experts"]), device)
-    for experts in shape["experts"]:
-        for tokens in shape["tokens"]:
-            for routing in shape["routing"]:
-                started = time.time()
-                config = measure_config(shape, w_all, experts, tokens, routing, device, dtype)
-                config["wall_s"] = time.time() - started
-                result["configs"].append(config)
-                brief = {n: round(v.get("median_ms", float("nan")), 3) for n, v in config["variants"].items()}
-                print(f"E={experts} T={tokens} {routing}: {brief}", flush=True)
-                result["targets"] = targets(result["configs"])
-                write()
+    points = [(e, t, r) for e in shape["experts"] for t in shape["tokens"] for r in shape["routing"]]
+    points.sort(key=lambda p: (p[0], p[1]) != (TARGET["experts"], TARGET["tokens"]))  # the target first
+    result["skipped"] = []
+    for experts, tokens, routing in points:
+        if args.budget_s is not None and time.time() - began > args.budget_s:
+            result["skipped"].append({"experts": experts, "tokens": tokens, "routing": routing})
+            continue
+        started = time.time()
+        config = measure_config(shape, w_all, experts, tokens, routing, device, dtype)
+        config["wall_s"] = time.time() - started
+        result["configs"].append(config)
+        brief = {n: round(v.get("median_ms", float("nan")), 3) for n, v in config["variants"].items()}
+        print(f"E={experts} T={tokens} {routing}: {brief}", flush=True)
+        result["targets"] = targets(result["configs"])
+        write()
+    write()
     print(f"wrote {out_path}")
     return 0
 

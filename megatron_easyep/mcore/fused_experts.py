@@ -174,6 +174,9 @@ class FusedExperts(SequentialMLP):
             return "moe_apply_probs_on_input / TE activation / bias-activation fusion"
         if getattr(cfg, "activation_func_clamp_value", None) is not None:
             return "activation_func_clamp_value is set"
+        if self.tp_group is not None and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size(self.tp_group) > 1:
+            return "expert tensor parallelism (fc2's reduction lives in the per-expert linears)"
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return "autograd is on (the fused kernels have no backward)"
         return self.fc1_stack.broken_reason() or self.fc2_stack.broken_reason()

@@ -12,7 +12,7 @@ Layout (what the experts module passes in):
 `native` (block FP8, DeepSeek's numerics):
 1. `quantize_activation_triton`: the rows once, per 1 x bk group (one launch for all experts);
 2. `block_table`: per BLOCK_M-row tile of the grouped rows, (expert, first row, end row), built on
-   the device from `counts` (no host sync; a moe_align_block_size-style grouping, but the
+   the device from `counts` in one launch (no host sync; a moe_align_block_size-style grouping, but the
    dispatcher already grouped the rows, so tiles only need aligning to expert boundaries and no
    row is gathered or padded). The grid is sized by the static bound cdiv(R, BLOCK_M) + E; tiles
    past the last one exit at once;
@@ -164,8 +164,8 @@ def fused_moe_fp8(x, counts, probs, w13, s13, w2, s2, *, block, glu_offset=0.0, 
                   block_n=128):
     """All local experts of a layer on rows grouped by expert, DeepSeek's block-FP8 numerics:
     rows [R, H] (counts[e] rows per expert, in expert order) -> g * e(x) per row [R, H], x's dtype.
-    Five launches' worth of work whatever the expert count: activation quantisation, the tile
-    table (a few small torch ops), w13 + SiLU·mul + quantisation, w2."""
+    Four launches whatever the expert count: activation quantisation, the tile table,
+    w13 + SiLU·mul + quantisation, w2 (plus the output allocations)."""
     from megatron_easyep.mcore.fp8_gemm import quantize_activation_triton
 
     x2 = x.reshape(-1, x.shape[-1])

@@ -158,11 +158,11 @@ def tile_table_kernel(counts_ptr, table_ptr, num_experts, num_tiles,
     # rows of those experts plus t's offset inside its expert. Masked sums, no gather.
     t = tl.program_id(0) * TILES + tl.arange(0, TILES)
     e = tl.arange(0, EXPERTS_P2)
-    counts = tl.load(counts_ptr + e, mask=e < num_experts, other=0).to(tl.int64)
+    counts = tl.load(counts_ptr + e, mask=e < num_experts, other=0).to(tl.int32)
     tiles = (counts + (BLOCK_M - 1)) // BLOCK_M
     tile_end = tl.cumsum(tiles, axis=0)
     before = tile_end[None, :] <= t[:, None]
-    expert = tl.sum(before.to(tl.int64), axis=1)
+    expert = tl.sum(before.to(tl.int32), axis=1)
     first_tile = tl.sum(tl.where(before, tiles[None, :], 0), axis=1)
     row_start = tl.sum(tl.where(before, counts[None, :], 0), axis=1)
     count = tl.sum(tl.where(e[None, :] == expert[:, None], counts[None, :], 0), axis=1)
