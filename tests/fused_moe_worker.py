@@ -265,9 +265,23 @@ def model_main(out_path: str, ckpt: str) -> None:
     result["none"] = {"plain": _score(plain, cfg), "auto": _score(fused, cfg)}
     FE.set_backend(fused, "grouped_mm")
     result["none"]["grouped_mm"] = _score(fused, cfg)
+    # fault injection: "auto" picks the fused path, which fails (no valid tile size): the layer
+    # warns once and runs the loop, with the loop's results
+    FE.set_backend(fused, "auto", block_m=0)
+    for module in FE.fused_experts_modules(fused):
+        module.choose_backend = lambda device, dtype: "fp8_fused"
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result["none"]["failed_fused"] = _score(fused, cfg)
+    result["none"]["failed_fused"]["warnings"] = [str(w.message) for w in caught if "FusedExperts" in str(w.message)]
+    result["none"]["failed_fused"]["fallback"] = [m.fallback_reason for m in FE.fused_experts_modules(fused)]
+    for module in FE.fused_experts_modules(fused):
+        del module.choose_backend
     fp8_emulation.configure_fp8(plain, "emulated", cfg)
     fp8_emulation.configure_fp8(fused, "emulated", cfg)
-    FE.set_backend(fused, "auto")
+    FE.set_backend(fused, "auto", block_m=16)
     result["emulated"] = {"plain": _score(plain, cfg), "auto": _score(fused, cfg)}
     FE.set_backend(fused, "fp8_fused", block_m=16)
     result["emulated"]["fp8_fused"] = _score(fused, cfg)

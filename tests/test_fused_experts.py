@@ -125,6 +125,15 @@ def test_whole_model_none_is_bitwise_megatrons_sequential_mlp(whole_model):
     assert none["plain"]["sums"][:, -1].sum() > 0  # tokens were routed and counted
 
 
+def test_a_failing_auto_fused_path_warns_once_and_runs_the_loop(whole_model):
+    failed = whole_model["none"]["failed_fused"]
+    assert failed["ran"] == ["loop"]
+    assert len(failed["warnings"]) == 2  # once per MoE layer, not once per forward
+    assert all(reason and reason.startswith("fp8_fused failed") for reason in failed["fallback"])
+    for a, b in zip(failed["logits"], whole_model["none"]["plain"]["logits"]):
+        assert torch.equal(a, b)
+
+
 def test_whole_model_fused_fp8_matches_emulated_per_expert(whole_model):
     """--fp8 emulated through Megatron's per-expert experts vs the fused FP8 kernels (interpreted)
     in the same model: logits and every score within 1e-6."""

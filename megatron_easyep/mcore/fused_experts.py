@@ -26,6 +26,8 @@ that re-points a Parameter, breaks them); when they are not, the layer runs the 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -146,6 +148,7 @@ class FusedExperts(SequentialMLP):
         self.backend = "auto"
         self.block_m = kernels.DEFAULT_BLOCK_M
         self.last_backend: str | None = None  # what the latest forward ran (tests, bench)
+        self.fallback_reason: str | None = None  # set when an "auto" fused path failed once
         self.fc1_stack = ExpertStack([expert.linear_fc1 for expert in self.local_experts])
         self.fc2_stack = ExpertStack([expert.linear_fc2 for expert in self.local_experts])
         for stack in (self.fc1_stack, self.fc2_stack):
@@ -239,10 +242,23 @@ class FusedExperts(SequentialMLP):
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x = permuted_local_hidden_states
-        backend = self.choose_backend(x.device, x.dtype)
-        self.last_backend = backend
-        if backend == "loop":
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        backend = "loop" if self.fallback_reason else self.choose_backend(x.device, x.dtype)
+        if backend != "loop":
+            try:
+                out = self._forward_fused(backend, x, tokens_per_expert, permuted_probs)
+                self.last_backend = backend
+                return out, None
+            except Exception as exc:
+                if self.backend != "auto":  # forced (tests, bench): the error is the result
+                    raise
+                # "auto" chose a fused path that failed (a Triton build or a torch without the
+                # op): say so once, and keep this layer on the loop from now on
+                self.fallback_reason = f"{backend} failed ({type(exc).__name__}: {str(exc)[:300]})"
+                warnings.warn(f"FusedExperts: {self.fallback_reason}; this layer runs the per-expert loop")
+        self.last_backend = "loop"
+        return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+
+    def _forward_fused(self, backend, x, tokens_per_expert, permuted_probs):
         if not isinstance(tokens_per_expert, torch.Tensor):
             tokens_per_expert = torch.tensor(list(tokens_per_expert), dtype=torch.int64)
         counts = tokens_per_expert.to(x.device, non_blocking=True)
@@ -260,7 +276,7 @@ class FusedExperts(SequentialMLP):
             out = kernels.grouped_mm_experts(x2, counts, permuted_probs, self.fc1_stack.dense(x.dtype),
                                              self.fc2_stack.dense(x.dtype), activation=self.config.activation_func,
                                              glu_offset=glu_offset)
-        return out.reshape(*x.shape[:-1], out.shape[-1]), None
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def fused_experts_modules(model) -> list[FusedExperts]:
@@ -274,6 +290,7 @@ def set_backend(model, backend: str, block_m: int | None = None) -> int:
     modules = fused_experts_modules(model)
     for module in modules:
         module.backend = backend
+        module.fallback_reason = None
         if block_m is not None:
             module.block_m = block_m
     return len(modules)
