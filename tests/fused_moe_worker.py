@@ -4,6 +4,7 @@ with the fused experts against Megatron's own SequentialMLP.
 
     TRITON_INTERPRET=1 python tests/fused_moe_worker.py kernels OUT.pt
     TRITON_INTERPRET=1 python tests/fused_moe_worker.py model OUT.pt CKPT
+    TRITON_INTERPRET=1 torchrun --nproc-per-node 2 tests/fused_moe_worker.py ep OUT.pt CKPT
 
 kernels: per case, tokens are routed top-k, laid out as Megatron's dispatcher lays them out (rows
 grouped by local expert, tokens in order), and run through the fused path; the oracle is the
@@ -289,6 +290,50 @@ def model_main(out_path: str, ckpt: str) -> None:
     parallel.shutdown()
 
 
+def ep_main(out_path: str, ckpt: str) -> None:
+    """Under torchrun with 2 ranks: each MoE layer's experts input as the real dispatchers deliver
+    it at EP=2 (both dispatchers; tokens_per_expert as they pass it), run again through the fused
+    FP8 path of the same module; per layer, the largest row difference relative to the layer's
+    largest output, against the per-expert --fp8 emulated rows."""
+    import torch.distributed as dist
+
+    from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.mcore import fp8_emulation, parallel, patches
+    from megatron_easyep.mcore import fused_experts as FE
+    from megatron_easyep.mcore import model as model_lib
+
+    parallel.init_parallel(2, seed=0)
+    cfg = DeepseekV3Config.load(ckpt)
+    mine = []
+    for dispatcher in ("alltoall", "allgather"):
+        _, model = model_lib.load_megatron_model(ckpt, dtype=torch.float32, expert_parallel=2, dispatcher=dispatcher)
+        fp8_emulation.configure_fp8(model, "emulated", cfg)
+        seen = []
+        handles = [layer.mlp.experts.register_forward_hook(
+            lambda module, args, out: seen.append((module, args[0].clone(), args[1], args[2].clone(), out[0].clone())))
+            for _, layer in patches.iter_moe_layers(model)]
+        with torch.no_grad():
+            for ids in _sequences(cfg.vocab_size):
+                model_lib.forward_padded(model, ids, len(ids))
+        for handle in handles:
+            handle.remove()
+        for module, x, tokens_per_expert, probs, rows in seen:
+            module.backend, module.block_m = "fp8_fused", 16
+            with torch.no_grad():
+                fused, _ = module(x, tokens_per_expert, probs)
+            module.backend = "auto"
+            per_row = (fused - rows).abs().amax(-1) / rows.abs().max()
+            mine.append({"dispatcher": dispatcher, "rank": dist.get_rank(), "rows": rows.shape[0],
+                         "counts_type": type(tokens_per_expert).__name__, "ran": module.last_backend,
+                         "max_rel": float(per_row.max()) if rows.shape[0] else 0.0,
+                         "rows_over_1e-6": int((per_row > 1e-6).sum())})
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
+        torch.save([entry for part in gathered for entry in part], out_path)
+    parallel.shutdown()
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    {"kernels": kernels_main, "model": model_main}[sys.argv[1]](*sys.argv[2:])
+    {"kernels": kernels_main, "model": model_main, "ep": ep_main}[sys.argv[1]](*sys.argv[2:])
