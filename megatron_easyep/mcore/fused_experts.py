@@ -207,7 +207,7 @@ class FusedExperts(SequentialMLP):
         grouped_mm for bf16 on sm_90+, the loop otherwise (CPU, emulated's per-linear hooks)."""
         if self.backend not in BACKENDS:
             raise ValueError(f"FusedExperts.backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
-        if self.backend == "loop":
+        if self.backend == "loop" or (self.backend == "auto" and device.type != "cuda"):
             return "loop"
         reason = self.unsupported_reason()
         if self.backend == "fp8_fused":
@@ -216,7 +216,7 @@ class FusedExperts(SequentialMLP):
             if reason:
                 raise RuntimeError(f"FusedExperts backend {self.backend!r} cannot run: {reason}")
             return self.backend
-        if reason or device.type != "cuda" or self._expert_hooks():
+        if reason or self._expert_hooks():
             return "loop"
         native = all(getattr(linear, "fp8_compute", None) == "native"
                      for linear in self.fc1_stack.linears + self.fc2_stack.linears)
