@@ -11,20 +11,18 @@ import copy, sys, traceback, warnings
 warnings.filterwarnings("ignore")
 import torch
 from megatron_easyep.checkpoint.reader import HFCheckpoint
-from megatron_easyep.mcore import model as M, parallel, patches
+from megatron_easyep.mcore import compat, model as M, parallel
 
 ckpt = HFCheckpoint(sys.argv[1]); cfg = ckpt.config
 parallel.init_parallel(expert_parallel=1)
 tcfg = M.transformer_config(cfg)
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.identity_op import IdentityOp, IdentityFuncOp
 from megatron.core.process_groups_config import ProcessGroupCollection
-patches.apply_all()
-block = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
-for s in block.layer_specs: patches.adapt_local_layer_spec(s, tcfg)
+compat.apply_runtime_patches(tcfg)
+block = compat.gpt.local_block_spec(tcfg, fused_experts=False)  # the local spec, MLA adapted
 dense, moe = block.layer_specs[0], block.layer_specs[-1]
 def only_attention(spec):
     s = copy.deepcopy(spec); sub = s.submodules

@@ -131,14 +131,15 @@ def transformer_config(cfg: DeepseekV3Config, *, dtype: torch.dtype = torch.floa
 
 
 def build_model(cfg: DeepseekV3Config, tcfg, *, fp8_resident: bool = False,
-                logits: bool = True):
+                logits: bool = True, fused_experts: bool = True):
     """GPTModel with Megatron-Core's local layer spec (MLA adapted in mcore/compat). With
     `fp8_resident`, every attention / MLP / expert linear holds FP8 codes + block scales instead of
     a high-precision weight (compat/fp8_linears.py; filled by load_weights).
     Under pipeline parallelism this builds this rank's stage (parallel_state must be initialised):
     its decoder layers, the embedding on the first stage, the final norm + output layer on the
     last. `logits=False` builds no final norm and no output layer at all (scoring: the model
-    returns hidden states)."""
+    returns hidden states). `fused_experts=False` keeps Megatron's SequentialMLP (the experts'
+    weights then live in separate tensors; compat/fused_experts.py)."""
     from megatron.core import parallel_state
 
     from megatron_easyep.mcore.compat import gpt
@@ -152,6 +153,7 @@ def build_model(cfg: DeepseekV3Config, tcfg, *, fp8_resident: bool = False,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         rotary_base=int(cfg.rope_theta),
         fp8_resident=fp8_resident,
+        fused_experts=fused_experts,
     )
     if torch.cuda.is_available():
         model = model.cuda()
@@ -288,7 +290,7 @@ def _return_large_frees_to_the_os() -> None:
 def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_parallel: int = 1,
                         dispatcher: str = "alltoall", ep_rank: int | None = None,
                         dequantize_at_load: bool = False, stage_layers: list[int] | None = None,
-                        logits: bool = True):
+                        logits: bool = True, fused_experts: bool = True):
     """Checkpoint dir -> (HFCheckpoint, loaded GPTModel in eval mode). parallel_state must be
     initialised (see parallel.init_parallel). FP8 checkpoints are held FP8-resident (the
     checkpoint's bytes + block scales, dequantised per GEMM) unless `dequantize_at_load`.
@@ -302,7 +304,8 @@ def load_megatron_model(ckpt_dir, *, dtype: torch.dtype = torch.float32, expert_
         _return_large_frees_to_the_os()
     tcfg = transformer_config(ckpt.config, dtype=dtype, expert_parallel=expert_parallel,
                               dispatcher=dispatcher, stage_layers=stage_layers)
-    model = build_model(ckpt.config, tcfg, fp8_resident=fp8_resident, logits=logits)
+    model = build_model(ckpt.config, tcfg, fp8_resident=fp8_resident, logits=logits,
+                        fused_experts=fused_experts)
     if ep_rank is None:
         ep_rank = parallel_state.get_expert_model_parallel_rank()
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset

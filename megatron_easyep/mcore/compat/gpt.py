@@ -33,9 +33,10 @@ def _without_deprecation_banner():
         logger.removeFilter(banner_filter)
 
 
-def local_block_spec(tcfg, *, fp8_resident: bool = False):
+def local_block_spec(tcfg, *, fp8_resident: bool = False, fused_experts: bool = True):
     """The decoder block spec: Megatron's local (non-TE) spec with RMSNorm, each layer adapted for
-    MLA (mla.adapt_local_layer_spec), and with FP8-resident linears when asked."""
+    MLA (mla.adapt_local_layer_spec), with FP8-resident linears when asked, and with the routed
+    experts stacked per layer (fused_experts.FusedExperts in place of SequentialMLP)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_easyep.mcore.compat import fp8_linears, mla
@@ -46,6 +47,10 @@ def local_block_spec(tcfg, *, fp8_resident: bool = False):
         mla.adapt_local_layer_spec(layer_spec, tcfg, fp8_resident=fp8_resident)
     if fp8_resident:
         block_spec.layer_specs = [fp8_linears.fp8_resident_layer_spec(s) for s in block_spec.layer_specs]
+    if fused_experts:
+        from megatron_easyep.mcore.compat.fused_experts import fused_experts_layer_spec
+
+        block_spec.layer_specs = [fused_experts_layer_spec(s) for s in block_spec.layer_specs]
     return block_spec
 
 
@@ -62,14 +67,14 @@ def apply_runtime_patches(tcfg=None) -> None:
 
 def build_gpt_model(tcfg, *, vocab_size: int, max_sequence_length: int, pre_process: bool,
                     post_process: bool, share_embeddings_and_output_weights: bool, rotary_base: int,
-                    fp8_resident: bool = False):
+                    fp8_resident: bool = False, fused_experts: bool = True):
     """GPTModel (this rank's pipeline stage) for an MLATransformerConfig, after the contract check
     and the runtime patches this config needs."""
     from megatron.core.models.gpt import GPTModel
 
     contract.check_installed()
     apply_runtime_patches(tcfg)
-    block_spec = local_block_spec(tcfg, fp8_resident=fp8_resident)
+    block_spec = local_block_spec(tcfg, fp8_resident=fp8_resident, fused_experts=fused_experts)
     with _without_deprecation_banner():
         model = GPTModel(
             config=tcfg,
