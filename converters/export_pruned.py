@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-from collections import defaultdict
 
 from megatron_easyep.analysis.rebalance import DEFAULT_ITERATIONS, DEFAULT_STEP, RebalanceRequest
 from megatron_easyep.progress import Progress
-from megatron_easyep.pruning.export import MTP_ACTIONS, export_pruned, kept_byte_ranges
+from megatron_easyep.pruning.export import MTP_ACTIONS, export_pruned
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
 from megatron_easyep.pruning.preflight import format_preflight
 from megatron_easyep.pruning.selection import GROUP_POLICIES, load_scores, select_for_checkpoint
@@ -102,54 +100,22 @@ def _rank() -> int:
 
 
 class ExportProgress:
-    """Bytes written of the total, one progress line, fed by the exporter's per-shard log.
+    """Bytes written of the total, one progress line (rank 0); the total comes with the first shard."""
 
-    The exporter announces each shard before writing it ("writing SHARD (...)"): the shard before
-    it is then complete. Other messages pass through to stderr. If the plan cannot be computed
-    here, there is no progress line and export_pruned reports the problem itself."""
+    def __init__(self):
+        self.bar: Progress | None = None
 
-    def __init__(self, src: str, selection, mtp: str, stream=sys.stderr):
-        self.stream = stream
-        self.shard_bytes: dict[str, int] = defaultdict(int)
-        try:
-            for shard_path, _offset, length in kept_byte_ranges(src, selection, mtp=mtp):
-                self.shard_bytes[shard_path.name] += length
-        except (ValueError, OSError):
-            self.shard_bytes.clear()
-        total = sum(self.shard_bytes.values())
-        self.progress = Progress("export", total, unit="bytes", enabled=total > 0, stream=stream)
-        self.current: str | None = None
-        self.closed = False
-
-    def log(self, message: str) -> None:
-        match = re.match(r"writing (\S+)", message)
-        if self.progress.enabled and match and match.group(1) in self.shard_bytes:
-            self._finish_current()
-            self.current = match.group(1)
-            self.progress.update(self.progress.done)
-        else:
-            print(message, file=self.stream)
-
-    def _finish_current(self) -> None:
-        if self.current is not None:
-            self.progress.advance(self.shard_bytes[self.current])
-            self.current = None
+    def __call__(self, written: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress("export", total, unit="bytes")
+        self.bar.update(written)
+        if written >= total:  # before --rebalance-bias logs its own lines
+            self.close()
 
     def close(self) -> None:
-        if not self.closed:
-            self._finish_current()
-            self.progress.close()
-            self.closed = True
-
-    def then(self, finalize):
-        """Wrap export_pruned's `finalize` (rebalancing): the bytes are all written before it runs."""
-        if finalize is None:
-            return None
-
-        def run(*args, **kwargs):
-            self.close()
-            return finalize(*args, **kwargs)
-        return run
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             target_ep=args.target_ep,
             seed=args.seed,
         )
-        progress = ExportProgress(args.hf_checkpoint, selection, args.mtp)
+        progress = ExportProgress()
         report = export_pruned(
             args.hf_checkpoint,
             args.output,
@@ -192,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             mtp=args.mtp,
             overwrite=args.overwrite,
             allow_unexpected=args.allow_unexpected_tensors or None,
-            log=progress.log,
-            finalize=progress.then(rebalance.finalize if rebalance else None),
+            log=lambda message: print(message, file=sys.stderr),
+            finalize=rebalance.finalize if rebalance else None,
+            progress=progress,
         )
         progress.close()
     except (ValueError, OSError) as err:  # CheckpointError, SelectionError, ExportError, RebalanceError, I/O

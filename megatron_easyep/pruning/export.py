@@ -412,6 +412,7 @@ def export_pruned(
     allow_unexpected: bool | None = None,
     log=None,
     finalize=None,
+    progress=None,
 ) -> ExportReport:
     """Write a pruned copy of the HF checkpoint `src_dir` to `dst_dir` (see the module docstring).
 
@@ -425,7 +426,7 @@ def export_pruned(
     `finalize(staging_dir, pruning, log)`, when given, runs on the complete staged checkpoint before
     pruning.json is written and the directory is renamed into place; it may rewrite tensor bytes
     in place and add keys to `pruning` (analysis/rebalance.py: --rebalance-bias). If it raises,
-    nothing is published.
+    nothing is published. `progress(bytes_written, total_bytes)` is called after each shard.
     """
     started = time.perf_counter()
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
@@ -463,15 +464,16 @@ def export_pruned(
     with io.staged_output(dst, overwrite=overwrite, lock=True) as staging:
         weight_map: dict[str, str] = {}
         total_size = 0
+        planned_size = sum(tensor.nbytes for tensors in plan.values() for tensor in tensors)
         for shard, tensors in plan.items():
             if not tensors:
                 continue
-            if log:
-                log(f"writing {shard} ({len(tensors)} tensors)")
             _write_shard(src / shard, staging / shard, tensors, shard_metadata[shard])
             for tensor in tensors:
                 weight_map[tensor.name] = shard
                 total_size += tensor.nbytes
+            if progress:
+                progress(total_size, planned_size)
         io.write_index(staging, weight_map, total_size, source_index.get("metadata"))
         io.write_json(staging / CONFIG_FILE, new_config)
         for path in _other_files(src, set(checkpoint.weight_map.values()) | {SINGLE_FILE}):
