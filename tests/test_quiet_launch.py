@@ -83,7 +83,7 @@ def test_export_shows_bytes_written_of_the_total(tiny_checkpoint_factory, tmp_pa
     import torch
 
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
-    from megatron_easyep.pruning.selection import write_score_file
+    from megatron_easyep.checkpoint.io import write_score_file
 
     ckpt = tiny_checkpoint_factory()
     config = DeepseekV3Config.load(ckpt)
