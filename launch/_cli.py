@@ -26,11 +26,28 @@ def load_yaml_defaults(path: str | None, default: Path) -> dict:
 
 def run_main(main) -> None:
     """Call main(); expected input errors exit 2 with one line naming the problem."""
-    from megatron_easyep.scoring.demos import DemoError
+    import os
+
+    import torch.distributed as dist
+
     from megatron_easyep.checkpoint.reader import CheckpointError
+    from megatron_easyep.runtime.stop import RunInterrupted
+    from megatron_easyep.scoring.demos import DemoError
 
     try:
         main()
+    except RunInterrupted as e:  # SIGINT/SIGTERM: stopped at a step boundary, snapshot written
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except dist.DistError as e:  # a collective failed: another rank died, hung past --dist-timeout, or was stopped
+        rank = os.environ.get("RANK", "0")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: rank {rank}: a collective with the other ranks failed ({first}); another rank "
+              "died or did not answer within --dist-timeout (torchrun's summary names the first rank "
+              "that failed). The same command with --resume continues from the last snapshot",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
     except (CheckpointError, DemoError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

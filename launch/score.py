@@ -49,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--dequantize-at-load", action="store_true",
                         help="FP8 checkpoints: dequantise every FP8 weight at load instead of holding "
                              "the FP8 bytes (twice the weight memory; for comparison)")
+    parser.add_argument("--dist-timeout", type=float,
+                        help="seconds a collective waits for the other ranks before the run fails "
+                             "(a dead or hung rank stops the others within this; default 300)")
     parser.add_argument("--telemetry-interval", type=float,
                         help="seconds between GPU memory/utilisation samples (GPUs only)")
     _cli.add_allow_unexpected(parser)
