@@ -28,8 +28,6 @@ def run_main(main) -> None:
     """Call main(); expected input errors exit 2 with one line naming the problem."""
     import os
 
-    import torch.distributed as dist
-
     from megatron_easyep.checkpoint.reader import CheckpointError
     from megatron_easyep.runtime.stop import RunInterrupted
     from megatron_easyep.scoring.demos import DemoError
@@ -40,7 +38,9 @@ def run_main(main) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-    except dist.DistError as e:  # a collective failed: another rank died, hung past --dist-timeout, or was stopped
+    except RuntimeError as e:  # DistError, or gloo's plain RuntimeError when a peer's socket closes
+        if not _collective_failed(e):
+            raise
         rank = os.environ.get("RANK", "0")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: rank {rank}: a collective with the other ranks failed ({first}); another rank "
@@ -54,6 +54,18 @@ def run_main(main) -> None:
     except OSError as e:  # a write that failed (disk full, quota, file size limit, read-only): io names the path
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _collective_failed(error: RuntimeError) -> bool:
+    """A collective that failed because another rank is gone or hung (not a bug in this rank)."""
+    import re
+
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    return (dist.is_initialized() and dist.get_world_size() > 1
+            and re.search(r"gloo|NCCL|Connection (reset|closed)|[Tt]imed out", str(error)) is not None)
 
 
 def add_allow_unexpected(parser) -> None:
