@@ -58,6 +58,7 @@ class ScoreRun:
     fp8: str = "none"  # none | auto | emulated | native | te (see fp8_emulation.resolve_fp8_mode)
     dequantize_at_load: bool = False  # FP8 checkpoints: dequantise every weight at load (old behaviour)
     telemetry_interval: float = 5.0  # seconds between GPU samples (nvidia-ml-py; GPUs only)
+    check_finite: bool = False  # check every MoE layer's forward for NaN/Inf (final scores: always)
     dist_timeout: float | None = None  # seconds a collective waits for the other ranks (None: 300)
 
 
@@ -174,7 +175,8 @@ def run_scoring(run: ScoreRun) -> Path | None:
                                                      "max_length", "dtype", "layout", "fp8",
                                                      "batching")})
     _prepare_work(run, work, layout, run_id)
-    observer = ScoreObserver(domains, len(demo_list), cprune_features=run.cprune_features)
+    observer = ScoreObserver(domains, len(demo_list), cprune_features=run.cprune_features,
+                             check_finite=run.check_finite)
     session.load_model([observer])
     provenance["fp8"] = fp8_emulation.configure_fp8(session.model, fp8_mode, session.cfg)
     plan = session.plan(demo_list, run.micro_batch_tokens, per_step)
