@@ -18,9 +18,9 @@ import torch
 
 from megatron_easyep.progress import Progress
 from megatron_easyep.runtime.observer import Batch, Observer, StopMicroBatch, attach_all
-from megatron_easyep.runtime.stop import RunInterrupted, StopOnSignal
 from megatron_easyep.runtime.schedule import (MicroBatch, deal_in_order, plan_fixed_rows, plan_micro_batches,
                                               shard_for_rank)
+from megatron_easyep.runtime.stop import RunInterrupted, StopOnSignal
 
 
 @dataclass(frozen=True)

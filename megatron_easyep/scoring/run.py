@@ -231,8 +231,12 @@ def _timed_loop(run: ScoreRun, session: ModelSession, plan, observer: ScoreObser
 
     t0 = time.perf_counter()
     gpu_telemetry = telemetry.GpuTelemetry(run.telemetry_interval).start()
-    forward_loop(session, plan, [observer], start=start, after_step=after_step, progress="score",
-                 on_stop=on_stop)
+    try:
+        forward_loop(session, plan, [observer], start=start, after_step=after_step, progress="score",
+                     on_stop=on_stop)
+    except BaseException:  # stopped by a signal, a dead rank, non-finite values: the sampler goes too
+        gpu_telemetry.stop()
+        raise
     loop_seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=session.device)
     if dist.get_world_size() > 1:
         dist.all_reduce(loop_seconds, op=dist.ReduceOp.MAX)
