@@ -56,6 +56,18 @@ def kill_tree(pid: int) -> None:
                 pass
 
 
+def signal_tree(pid: int, sig: int) -> None:
+    """Send `sig` to every process of the tree under `pid`, as slurmstepd signals a job step."""
+    tree, todo = _children(), [pid]
+    while todo:
+        p = todo.pop()
+        todo += tree.get(p, [])
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
 def snapshot_for_every_rank(inprogress: Path, world: int, min_step: int = 1):
     """Condition: some step >= min_step has a snapshot of every rank, and rank 0 has announced it."""
 

@@ -5,8 +5,9 @@
   rank wrote are intact, and --resume gives scores bitwise equal to an uninterrupted run.
 - A rank that hangs: a collective on the other rank fails after --dist-timeout seconds (measured
   on this torch with gloo), not after gloo's 30 minute default.
-- SIGTERM to torchrun (what SLURM and Ctrl-C on torchrun do): every rank stops at the next step
-  boundary with a snapshot there, no output directory appears, --resume finishes bitwise equal.
+- SIGTERM to torchrun and every rank (what SLURM does; torchrun forwards it again): every rank
+  stops at the next step boundary with a snapshot there, no output directory appears, --resume
+  finishes bitwise equal.
   SIGINT to a single process exits 130.
 """
 
@@ -24,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from faults import run_then_fault, snapshot_for_every_rank, worker_pid
+from faults import run_then_fault, signal_tree, snapshot_for_every_rank, worker_pid
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -137,12 +138,14 @@ def test_hung_rank_fails_the_collective_within_the_timeout(tmp_path):
 
 
 def test_sigterm_stops_every_rank_at_a_step_boundary_and_resumes(tiny_ckpt, demos, reference, tmp_path):
+    """SLURM-style: SIGTERM to every process of the step (torchrun and its workers), so each worker
+    gets it twice (torchrun forwards it again): the repeat must not cut the snapshot short."""
     out = tmp_path / "scores"
     cmd = _cmd(tiny_ckpt, demos, out)
     faulted = run_then_fault(cmd, ready=snapshot_for_every_rank(_inprogress(out), 2, min_step=2),
-                             fault=lambda pid: os.kill(pid, signal.SIGTERM), env=_env(), cwd=REPO,
+                             fault=lambda pid: signal_tree(pid, signal.SIGTERM), env=_env(), cwd=REPO,
                              timeout=TIMEOUT)
-    print(f"SIGTERM to torchrun -> exit {faulted.returncode} after {faulted.seconds_to_exit:.2f} s")
+    print(f"SIGTERM to torchrun and every rank -> exit {faulted.returncode} after {faulted.seconds_to_exit:.2f} s")
     assert faulted.returncode != 0
     assert faulted.seconds_to_exit < DIST_TIMEOUT
     stopped = re.search(r"stopped by SIGTERM at step boundary (\d+); snapshot at step \1", faulted.stderr)

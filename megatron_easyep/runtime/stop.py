@@ -4,8 +4,9 @@ While the forward loop runs, the first SIGINT or SIGTERM only sets a flag. At th
 boundary every rank takes the maximum of the flags (one all-reduce of one integer per step), so
 all ranks agree to stop at the same step even though the signal reached them at different times;
 the job's `on_stop` writes a snapshot there and the loop raises `RunInterrupted`. The launcher
-turns that into exit 128 + signal (130 for SIGINT, 143 for SIGTERM). A second signal ends the
-process at once, with the signal's default action.
+turns that into exit 128 + signal (130 for SIGINT, 143 for SIGTERM). A second SIGINT ends the
+process at once; a repeated SIGTERM is ignored (SLURM sends it to every process of the step and
+torchrun forwards it to the workers again).
 """
 
 from __future__ import annotations
@@ -44,14 +45,18 @@ class StopOnSignal:
         self._previous = {}
 
     def _handler(self, signum, frame):
-        if self.signum:  # a second signal: the default action, now
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if self.signum:
+            # A second Ctrl-C: the default action, now. A repeated SIGTERM is not impatience but
+            # the same request twice (SLURM signals every process of the step and torchrun
+            # forwards it to its workers again): it is ignored; SIGKILL follows by itself.
+            if signum == signal.SIGINT:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             return
         self.signum = signum
         if int(os.environ.get("RANK", "0")) == 0:
             os.write(2, f"\n{signal.Signals(signum).name}: stopping at the next step boundary with a "
-                        f"snapshot (a second signal stops at once)\n".encode())
+                        f"snapshot (a second Ctrl-C stops at once)\n".encode())
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
