@@ -111,17 +111,44 @@ def run_main(main, quiet: str | None = None) -> None:
     (route_third_party_output); EASYEP_VERBOSE=1 keeps everything on the terminal."""
     if quiet and os.environ.get("EASYEP_VERBOSE", "0") in ("", "0"):
         route_third_party_output(quiet)
-    from megatron_easyep.scoring.demos import DemoError
     from megatron_easyep.checkpoint.reader import CheckpointError
+    from megatron_easyep.runtime.stop import RunInterrupted
+    from megatron_easyep.scoring.demos import DemoError
 
     try:
         main()
+    except RunInterrupted as e:  # SIGINT/SIGTERM: stopped at a step boundary, snapshot written
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except RuntimeError as e:  # DistError, or gloo's plain RuntimeError when a peer's socket closes
+        if not _collective_failed(e):
+            raise
+        rank = os.environ.get("RANK", "0")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: rank {rank}: a collective with the other ranks failed ({first}); another rank "
+              "died or did not answer within --dist-timeout (torchrun's summary names the first rank "
+              "that failed). The same command with --resume continues from the last snapshot",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
     except (CheckpointError, DemoError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OSError as e:  # a write that failed (disk full, quota, file size limit, read-only): io names the path
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _collective_failed(error: RuntimeError) -> bool:
+    """A collective that failed because another rank is gone or hung (not a bug in this rank)."""
+    import re
+
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    return (dist.is_initialized() and dist.get_world_size() > 1
+            and re.search(r"gloo|NCCL|Connection (reset|closed)|[Tt]imed out", str(error)) is not None)
 
 
 def add_allow_unexpected(parser) -> None:

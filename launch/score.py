@@ -49,6 +49,13 @@ def parse_args(argv=None):
     parser.add_argument("--dequantize-at-load", action="store_true",
                         help="FP8 checkpoints: dequantise every FP8 weight at load instead of holding "
                              "the FP8 bytes (twice the weight memory; for comparison)")
+    parser.add_argument("--check-finite", action="store_true",
+                        help="check every MoE layer's forward for NaN/Inf and stop naming the layer and "
+                             "expert (one host sync per layer and forward; the final scores are "
+                             "always checked)")
+    parser.add_argument("--dist-timeout", type=float,
+                        help="seconds a collective waits for the other ranks before the run fails "
+                             "(a dead or hung rank stops the others within this; default 300)")
     parser.add_argument("--telemetry-interval", type=float,
                         help="seconds between GPU memory/utilisation samples (GPUs only)")
     _cli.add_allow_unexpected(parser)

@@ -56,6 +56,18 @@ def kill_tree(pid: int) -> None:
                 pass
 
 
+def signal_tree(pid: int, sig: int) -> None:
+    """Send `sig` to every process of the tree under `pid`, as slurmstepd signals a job step."""
+    tree, todo = _children(), [pid]
+    while todo:
+        p = todo.pop()
+        todo += tree.get(p, [])
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
 def snapshot_for_every_rank(inprogress: Path, world: int, min_step: int = 1):
     """Condition: some step >= min_step has a snapshot of every rank, and rank 0 has announced it."""
 
@@ -94,3 +106,58 @@ def run_then_kill(cmd, *, ready, env, cwd, timeout: float = 600, poll: float = 0
         out.seek(0)
         err.seek(0)
         return Killed(proc.returncode, out.read(), err.read(), killed)
+
+
+def worker_pid(root: int, rank: int) -> int | None:
+    """The process of the tree under `root` whose environment says RANK=rank (a torchrun worker)."""
+    tree, todo = _children(), list(_children().get(root, []))
+    while todo:
+        p = todo.pop()
+        todo += tree.get(p, [])
+        try:
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"\0".join(env):
+            return p
+    return None
+
+
+@dataclass
+class Faulted:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds_to_exit: float  # from the fault to the exit of the whole command
+
+
+def run_then_fault(cmd, *, ready, fault, env, cwd, timeout: float = 600, poll: float = 0.002) -> Faulted:
+    """Start `cmd`; once `ready(stderr)` holds, call `fault(pid)` (signal a rank, the launcher...)
+    and time how long the command takes to exit by itself (killed after `timeout`)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, cwd=cwd, env=env, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if proc.poll() is not None:
+                    err.seek(0)
+                    raise AssertionError(f"the run ended (exit {proc.returncode}) before the fault:\n"
+                                         f"{err.read()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{cmd[:3]}... did not reach the fault condition in {timeout} s")
+                err.seek(0)
+                if ready(err.read()):
+                    break
+                time.sleep(poll)
+            t0 = time.monotonic()
+            fault(proc.pid)
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            seconds = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return Faulted(proc.returncode, out.read(), err.read(), seconds)

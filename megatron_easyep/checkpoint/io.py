@@ -552,6 +552,18 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def first_non_finite(name: str, scores: torch.Tensor, layers) -> str | None:
+    """'{name}: layer L, experts [...]' for the first layer of a [layers, experts] score tensor with a
+    non-finite value (None when all are finite)."""
+    bad = ~torch.isfinite(scores)
+    if not bool(bad.any()):
+        return None
+    row = int(bad.any(dim=1).nonzero()[0])
+    experts = bad[row].nonzero().flatten().tolist()
+    more = f" (and {int(bad.any(dim=1).sum()) - 1} later layers)" if int(bad.any(dim=1).sum()) > 1 else ""
+    return f"{name!r}: MoE layer {int(layers[row])}, expert(s) {experts[:16]}{' ...' if len(experts) > 16 else ''}{more}"
+
+
 def _score_tensors(scores: Mapping[str, torch.Tensor], layers: list[int], domains: list[str]):
     """(metrics in first-seen order, {name: [L, E] float64}) after checking names and shapes."""
     if not scores:
@@ -567,6 +579,10 @@ def _score_tensors(scores: Mapping[str, torch.Tensor], layers: list[int], domain
         value = torch.as_tensor(value).detach().to("cpu", torch.float64).contiguous()
         if value.dim() != 2 or value.shape[0] != len(layers):
             raise ScoreFileError(f"score tensor {name!r} has shape {tuple(value.shape)}, expected [{len(layers)}, E]")
+        if (bad := first_non_finite(name, value, layers)) is not None:  # a score file never holds NaN/Inf
+            raise ScoreFileError(f"non-finite scores (NaN/Inf), nothing written: {bad}; a weight of that "
+                                 "layer/expert (or an earlier layer) is non-finite or the forward overflowed "
+                                 "(--check-finite names where it first appears)")
         tensors[name] = value
     return metrics, tensors
 

@@ -12,11 +12,19 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from megatron_easyep.mcore import compat
+
+# Seconds one collective may wait for the other ranks before it fails (every process group, the
+# world's and Megatron's). A rank that dies or hangs then stops the others within this bound
+# instead of gloo's 30 min / NCCL's 10 min default. It must cover the largest imbalance between
+# ranks at one collective: weight loading (the first collective after it waits for the slowest
+# rank) and one forward step. See docs/outputs-and-faults.md.
+DEFAULT_DIST_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -87,22 +95,27 @@ def _select_cuda_device() -> None:
 
 
 def init_parallel(expert_parallel: int = 1, seed: int = 1234, pipeline_parallel: int = 1,
-                  stage_layers: list[int] | None = None) -> Layout:
+                  stage_layers: list[int] | None = None,
+                  timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Layout:
     """Initialise torch.distributed (if needed) and Megatron's parallel_state. `stage_layers`
-    (decoder layers per stage, pipeline.stage_layer_counts) is recorded in the layout."""
+    (decoder layers per stage, pipeline.stage_layer_counts) is recorded in the layout;
+    `timeout_s` bounds every collective of every process group (DEFAULT_DIST_TIMEOUT_S)."""
     from megatron.core import parallel_state
 
+    if not timeout_s > 0:
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {timeout_s!r}")
     compat.apply_runtime_patches()
+    timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             _select_cuda_device()
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM launcher
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:
             # A plain process is a world of one. Not through os.environ: child processes (tests,
             # launchers) would inherit a MASTER_PORT this process is still listening on.
-            dist.init_process_group(backend=backend, rank=0, world_size=1,
+            dist.init_process_group(backend=backend, rank=0, world_size=1, timeout=timeout,
                                     init_method=f"tcp://127.0.0.1:{_free_port()}")
     world = dist.get_world_size()
     check_layout(world, expert_parallel, pipeline_parallel)
@@ -113,7 +126,8 @@ def init_parallel(expert_parallel: int = 1, seed: int = 1234, pipeline_parallel:
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=1, pipeline_model_parallel_size=pipeline_parallel,
-            expert_model_parallel_size=expert_parallel)
+            expert_model_parallel_size=expert_parallel,
+            distributed_timeout_minutes=timeout_s / 60)  # timedelta(minutes=...): a fraction is fine
     compat.seed_model_parallel_rng(seed)
     return Layout(
         world_size=world,

@@ -72,6 +72,7 @@ from megatron_easyep.checkpoint.io import (
     SCORE_TENSORS_FILE,
     ScoreFileError,
     file_sha256,
+    first_non_finite,
 )
 from megatron_easyep.checkpoint.reader import describe_storage
 
@@ -202,8 +203,8 @@ def load_scores(directory: str | os.PathLike) -> ScoreFile:
             f"{tensor_path}: every tensor must be [{len(layers)} layers, n_routed_experts]; got {shapes}"
         )
     for name, value in tensors.items():
-        if not torch.isfinite(value).all():
-            raise SelectionError(f"{tensor_path}: {name!r} has non-finite scores")
+        if (bad := first_non_finite(name, value, layers)) is not None:
+            raise SelectionError(f"{tensor_path}: non-finite scores (NaN/Inf) in {bad}; rescore")
     return ScoreFile(
         directory=directory,
         layers=layers,

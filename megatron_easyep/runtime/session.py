@@ -11,6 +11,7 @@ first: nothing slow runs before every input is checked).
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from megatron_easyep.progress import Progress
 from megatron_easyep.runtime.observer import Batch, Observer, StopMicroBatch, attach_all
 from megatron_easyep.runtime.schedule import (MicroBatch, deal_in_order, plan_fixed_rows, plan_micro_batches,
                                               shard_for_rank)
+from megatron_easyep.runtime.stop import RunInterrupted, StopOnSignal
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class SessionSpec:
     seed: int = 1234
     logits: bool = True  # False: no final norm / output layer (hooks read what they need)
     dequantize_at_load: bool = False
+    dist_timeout: float | None = None  # seconds per collective; None = parallel.DEFAULT_DIST_TIMEOUT_S
 
 
 @dataclass
@@ -91,9 +94,10 @@ class ModelSession:
     def init_parallel(self):
         from megatron_easyep.mcore import parallel
 
+        timeout = self.spec.dist_timeout if self.spec.dist_timeout is not None else parallel.DEFAULT_DIST_TIMEOUT_S
         self.layout = parallel.init_parallel(self.spec.expert_parallel, seed=self.spec.seed,
                                              pipeline_parallel=self.spec.pipeline_parallel,
-                                             stage_layers=self.stage_layers)
+                                             stage_layers=self.stage_layers, timeout_s=timeout)
         return self.layout
 
     def validate(self, observers) -> None:
@@ -162,15 +166,19 @@ class LogitsCollector(Observer):
 
 
 def forward_loop(session: ModelSession, plan: RunPlan, observers, *, start: int = 0, after_step=None,
-                 progress: str | None = None) -> None:
+                 progress: str | None = None, on_stop=None) -> None:
     """Run steps [start, plan.steps) through the pipeline with every observer attached.
     `after_step(next_step)` runs after each step (resumable snapshots); `progress` labels rank 0's
-    progress line (real tokens of its replica done of total; a resumed run starts where it was)."""
+    progress line (real tokens of its replica done of total; a resumed run starts where it was).
+    With `on_stop`, SIGINT/SIGTERM stop every rank at the next step boundary (runtime.stop):
+    `on_stop(next_step)` saves what --resume needs and returns where (or None), then
+    RunInterrupted is raised. Without it the signals keep their default action."""
     layout = session.layout
     shown = progress is not None and layout.rank == 0
     line = Progress(progress or "", plan.tokens_before(plan.steps, layout.dp_rank),
                     start=plan.tokens_before(start, layout.dp_rank), enabled=shown, stream=sys.stderr)
-    with torch.no_grad(), attach_all(session, observers):
+    stop = StopOnSignal() if on_stop is not None else nullcontext()
+    with torch.no_grad(), attach_all(session, observers), stop:
         for step in range(start, plan.steps):
             batches = [session.batch(plan, slot) for slot in plan.schedule[step]]
 
@@ -185,6 +193,9 @@ def forward_loop(session: ModelSession, plan: RunPlan, observers, *, start: int 
             line.advance(sum(b.real_tokens for b in batches))
             if after_step is not None:
                 after_step(step + 1)
+            if on_stop is not None and (signum := stop.agreed(session.device)):
+                line.close()
+                raise RunInterrupted(signum, step + 1, on_stop(step + 1))
     if plan.steps > start:
         line.close()
 

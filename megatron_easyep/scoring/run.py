@@ -58,6 +58,8 @@ class ScoreRun:
     fp8: str = "none"  # none | auto | emulated | native | te (see fp8_emulation.resolve_fp8_mode)
     dequantize_at_load: bool = False  # FP8 checkpoints: dequantise every weight at load (old behaviour)
     telemetry_interval: float = 5.0  # seconds between GPU samples (nvidia-ml-py; GPUs only)
+    check_finite: bool = False  # check every MoE layer's forward for NaN/Inf (final scores: always)
+    dist_timeout: float | None = None  # seconds a collective waits for the other ranks (None: 300)
 
 
 def _json_hash(value) -> str:
@@ -148,7 +150,7 @@ def _session_spec(run: ScoreRun) -> SessionSpec:
                        pipeline_parallel=run.pipeline_parallel, pipeline_layout=run.pipeline_layout,
                        dispatcher=run.dispatcher, dtype=run.dtype, seed=run.seed,
                        logits=False,  # scores need no logits
-                       dequantize_at_load=run.dequantize_at_load)
+                       dequantize_at_load=run.dequantize_at_load, dist_timeout=run.dist_timeout)
 
 
 def run_scoring(run: ScoreRun) -> Path | None:
@@ -173,7 +175,8 @@ def run_scoring(run: ScoreRun) -> Path | None:
                                                      "max_length", "dtype", "layout", "fp8",
                                                      "batching")})
     _prepare_work(run, work, layout, run_id)
-    observer = ScoreObserver(domains, len(demo_list), cprune_features=run.cprune_features)
+    observer = ScoreObserver(domains, len(demo_list), cprune_features=run.cprune_features,
+                             check_finite=run.check_finite)
     load_seconds = _timed(session.device, lambda: session.load_model([observer]))
     provenance["fp8"] = fp8_emulation.configure_fp8(session.model, fp8_mode, session.cfg)
     plan = session.plan(demo_list, run.micro_batch_tokens, per_step)
@@ -225,13 +228,25 @@ def _timed_loop(run: ScoreRun, session: ModelSession, plan, observer: ScoreObser
 
     layout = session.layout
 
+    def periodic(next_step: int) -> bool:
+        return next_step % run.checkpoint_every == 0 and next_step < plan.steps
+
     def after_step(next_step: int) -> None:
-        if next_step % run.checkpoint_every == 0 and next_step < plan.steps:
+        if periodic(next_step):
             _save_state(work, layout.rank, observer.scorer, next_step, run_id)
 
+    def on_stop(next_step: int) -> str:  # SIGINT/SIGTERM: every rank snapshots this step boundary
+        if not periodic(next_step):
+            _save_state(work, layout.rank, observer.scorer, next_step, run_id)
+        return str(work)
+
     gpu_telemetry = telemetry.GpuTelemetry(run.telemetry_interval).start()
-    loop_seconds = _timed(session.device, lambda: forward_loop(session, plan, [observer], start=start,
-                                                                after_step=after_step, progress="score"))
+    try:
+        loop_seconds = _timed(session.device, lambda: forward_loop(
+            session, plan, [observer], start=start, after_step=after_step, progress="score", on_stop=on_stop))
+    except BaseException:  # stopped by a signal, a dead rank, non-finite values: the sampler goes too
+        gpu_telemetry.stop()
+        raise
     seconds = torch.tensor([loop_seconds, load_seconds], dtype=torch.float64, device=session.device)
     if dist.get_world_size() > 1:
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)

@@ -186,8 +186,10 @@ class ScoreObserver(Observer):
     as it is combined; finalize all-reduces the sums once (and, with `cprune_features`, runs every
     expert on the demos' pooled inputs)."""
 
-    def __init__(self, domains: list[str], num_demos: int, *, cprune_features: bool = False):
+    def __init__(self, domains: list[str], num_demos: int, *, cprune_features: bool = False,
+                 check_finite: bool = False):
         self.domains, self.num_demos, self.cprune_features = domains, num_demos, cprune_features
+        self.check_finite = check_finite  # every layer's forward (scoring.finite; one sync per layer)
         self.scorer: ExpertScorer | None = None
 
     def setup(self, session) -> None:
@@ -208,7 +210,17 @@ class ScoreObserver(Observer):
 
     @contextlib.contextmanager
     def attached(self, session):
-        detach = compat.attach_moe_observers(session.model, self.scorer.observe)
+        observe = self.scorer.observe
+        if self.check_finite:
+            from megatron_easyep.scoring.finite import check_observation
+
+            rank = session.layout.rank
+
+            def observe(layer_index, obs, score=self.scorer.observe):
+                check_observation(layer_index, obs, rank)
+                score(layer_index, obs)
+
+        detach = compat.attach_moe_observers(session.model, observe)
         try:
             yield self
         finally:

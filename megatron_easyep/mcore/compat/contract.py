@@ -297,6 +297,22 @@ def check_fp8_resident_model(model) -> None:
                     "projections) reaches every FP8 linear", f"still plain: {plain[:4]}")
 
 
+class NonFiniteExpert(ValueError):
+    """An expert whose output on ordinary inputs is NaN/Inf: its weights are not finite."""
+
+
+def _check_experts_finite(moe_layer, layer_index: int, ungated) -> None:
+    """Two rows per local expert, in order: name the experts with a non-finite output."""
+    import torch
+
+    bad_rows = (~torch.isfinite(ungated).all(dim=-1)).nonzero().flatten().tolist()
+    if bad_rows:
+        ids = sorted({int(moe_layer.local_expert_indices[row // 2]) for row in bad_rows})
+        raise NonFiniteExpert(f"MoE layer {layer_index}: expert(s) {ids} give non-finite outputs (NaN/Inf) "
+                              f"on ordinary inputs: a weight of model.layers.{layer_index}.mlp.experts."
+                              f"{ids[0]}.* is not finite")
+
+
 def check_gate_inside_experts(moe_layer, layer_index: int) -> None:
     """One tiny forward: the experts module applies g inside (row = g * e(x)), which the scorer
     relies on to recover ||e|| = ||row|| / g. Power-of-two gates keep the comparison exact in any
@@ -318,6 +334,7 @@ def check_gate_inside_experts(moe_layer, layer_index: int) -> None:
     with torch.no_grad():
         ungated = experts(x, tokens, torch.ones_like(gate))[0].float()
         gated = experts(x, tokens, gate)[0].float()
+    _check_experts_finite(moe_layer, layer_index, ungated)
     expected = ungated * gate[:, None]
     error = float((gated - expected).norm())
     scale = float(expected.norm())
