@@ -32,8 +32,7 @@ def test_readme_is_a_short_guide_whose_links_resolve():
     text = README.read_text()
     assert len(text.splitlines()) <= 250
     for target in re.findall(r"\]\(([^)#]+?)(?:#[^)]*)?\)", text):
-        # docs/serving.md comes with the vLLM serving check (a parallel branch; drop this once merged)
-        if target.startswith("http") or (target == "docs/serving.md" and not (REPO / target).exists()):
+        if target.startswith("http"):
             continue
         assert (REPO / target).exists(), f"README links to {target}, which does not exist"
     blocks = marked_blocks(text)
