@@ -73,7 +73,7 @@ def _run(name, nproc, extra, ckpt, demos, out_root):
     output = out_root / name
     launcher = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}"] if nproc else [sys.executable]
     cmd = launcher + [str(REPO / "launch" / "score.py"), "--hf-checkpoint", str(ckpt), "--demos",
-                      f"{demos}:bench", "--output", str(output), "--overwrite", "--log-every", "100000",
+                      f"{demos}:bench", "--output", str(output), "--overwrite",
                       "--max-length", "100000", *map(str, extra)]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     start = time.perf_counter()

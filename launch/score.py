@@ -36,7 +36,6 @@ def parse_args(argv=None):
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--checkpoint-every", type=int)
-    parser.add_argument("--log-every", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cprune-features", action="store_true",
                         help="also write C-Prune expert features (cprune_features.safetensors)")

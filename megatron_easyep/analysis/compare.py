@@ -403,7 +403,7 @@ def run_compare(run: CompareRun) -> Path:
     t0 = time.perf_counter()
     run_scoring(ScoreRun(hf_checkpoint=run.hf_checkpoint, demos=list(run.demos), output=str(output / "scores"),
                          max_length=run.max_length, dtype=run.dtype, overwrite=True, seed=run.seed,
-                         cprune_features=want_features, log_every=50))
+                         cprune_features=want_features))
     timings = {"scoring_s": time.perf_counter() - t0}
     scores = load_scores(output / "scores")
     domains = list(scores.domains)
@@ -533,7 +533,7 @@ def overlap_vs_demos(run, scores, config, keep, policy, output) -> list[dict]:
                 _log(f"overlap vs demonstrations: scoring with max_demos={n}")
                 run_scoring(ScoreRun(hf_checkpoint=run.hf_checkpoint, demos=list(run.demos),
                                      output=str(Path(tmp) / f"n{n}"), max_length=run.max_length,
-                                     max_demos=n, dtype=run.dtype, seed=run.seed, log_every=1000))
+                                     max_demos=n, dtype=run.dtype, seed=run.seed))
                 sub = load_scores(Path(tmp) / f"n{n}")
             for m in OVERLAP_METRICS:
                 for d in scores.domains:

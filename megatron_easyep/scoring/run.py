@@ -52,7 +52,6 @@ class ScoreRun:
     overwrite: bool = False
     resume: bool = False
     checkpoint_every: int = 20  # steps between resumable state saves
-    log_every: int = 10
     seed: int = 1234
     cprune_features: bool = False  # also write cprune_features.safetensors (C-Prune)
     fp8: str = "none"  # none | auto | emulated | native | te (see fp8_emulation.resolve_fp8_mode)
@@ -72,7 +71,7 @@ def _log(layout, message: str) -> None:
 
 
 def _check_run(run: ScoreRun) -> None:
-    for name in ("max_demos", "max_length", "checkpoint_every", "log_every", "expert_parallel",
+    for name in ("max_demos", "max_length", "checkpoint_every", "expert_parallel",
                  "pipeline_parallel", "micro_batch_tokens", "micro_batches_per_step"):
         value = getattr(run, name)
         if value is not None and (not isinstance(value, int) or value < 1):
