@@ -77,7 +77,8 @@ def model_findings(checkpoint: str) -> dict:
     _, layer = next(compat.iter_moe_layers(model))
     expert_fc1 = compat.local_experts(layer.mlp)[0].linear_fc1
     real_class = type(expert_fc1)
-    expert_fc1.__class__ = real_class.__mro__[2]  # Fp8ResidentColumnParallelLinear -> ColumnParallelLinear
+    # back to Megatron's plain class (past Fp8Resident* and the fused experts' Stacked* classes)
+    expert_fc1.__class__ = next(c for c in real_class.__mro__ if c.__module__.startswith("megatron."))
     out["fp8_check_broken"] = _error(lambda: contract.check_fp8_resident_model(model))
     expert_fc1.__class__ = real_class
 
