@@ -60,7 +60,8 @@ def stored_bytes(cfg) -> int:
     """Bytes the streaming generator writes for `cfg`."""
     from megatron_easyep.checkpoint import tiny
 
-    return sum(tiny._stored_bytes(s, cfg.weight_block_size) for unit in tiny.checkpoint_units(cfg) for s in unit)
+    return sum(entry.nbytes for unit in tiny.checkpoint_units(cfg) for s in unit
+               for entry in tiny.stored_layout(s, cfg.weight_block_size))
 
 
 def choose_moe_layers(ctx: dict, workdir: Path) -> dict:

@@ -56,6 +56,33 @@ class _TerminalFilter(logging.Filter):
         return record.levelno >= logging.ERROR or record.name.split(".")[0] == "megatron_easyep"
 
 
+class _WarningsLog:
+    """The per-rank warnings file, best effort: when it cannot be written (disk full, a file-size
+    limit) its text goes to the terminal instead, with one line saying why, so a failing log never
+    becomes the run's error."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, open(path, "a", buffering=1, encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        if self.file is not None:
+            try:
+                self.file.write(text)
+                return
+            except OSError as err:
+                self.file = None
+                sys.stderr.write(f"note: cannot write {self.path} ({err}); other libraries' warnings "
+                                 "go to the terminal\n")
+        sys.stderr.write(text)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.flush()
+            except OSError:
+                self.file = None
+
+
 def route_third_party_output(script: str) -> Path:
     """Send other libraries' warnings and log records to a per-rank file; keep ours on stderr.
 
@@ -70,7 +97,7 @@ def route_third_party_output(script: str) -> Path:
 
     path = third_party_log_path(script)
     path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(path, "a", buffering=1, encoding="utf-8")
+    log_file = _WarningsLog(path)
     log_file.write(f"# {script} rank {os.environ.get('RANK', '0')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
     show_on_terminal = warnings.showwarning
 

@@ -39,7 +39,7 @@ def dry(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_check")
     out = root / "gpu_check.json"
     proc = subprocess.run(["bash", "bench/gpu_check.sh", str(out), "--dry", "--keep-workdir", str(root / "work")],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=480)
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"dry run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text()), root
 

@@ -156,7 +156,7 @@ def _stored_tensors(spec: TensorSpec, seed: int, block_size, device=None) -> dic
     return {spec.name: q.cpu(), scale_inv_name(spec.name): scale_inv.cpu()}
 
 
-def _stored_layout(spec: TensorSpec, block_size) -> list[io.TensorEntry]:
+def stored_layout(spec: TensorSpec, block_size) -> list[io.TensorEntry]:
     """What `_stored_tensors` returns, as safetensors entries, without generating it."""
     if spec.init == "bias":
         return [io.TensorEntry(spec.name, "F32", spec.shape)]
@@ -170,8 +170,8 @@ def _write_shard_streaming(path: pathlib.Path, specs: list[TensorSpec], seed: in
                            device=None) -> dict[str, int]:
     """A safetensors file written one tensor at a time (the header first, from the shapes), so a
     shard of any size needs the memory of its largest tensor only. Returns {name: bytes}."""
-    entries = [entry for spec in specs for entry in _stored_layout(spec, block_size)]
-    owner = {entry.name: spec for spec in specs for entry in _stored_layout(spec, block_size)}
+    entries = [entry for spec in specs for entry in stored_layout(spec, block_size)]
+    owner = {entry.name: spec for spec in specs for entry in stored_layout(spec, block_size)}
     generated: dict[str, torch.Tensor] = {}
 
     def payload(entry: io.TensorEntry, f: io.ShardFile) -> None:
@@ -274,7 +274,7 @@ def make_tiny_checkpoint(
     io.check_output(out_dir, overwrite)
 
     units = checkpoint_units(config)
-    groups = io.split_units_into_shards([sum(e.nbytes for s in unit for e in _stored_layout(s, block_size)) for unit in units],
+    groups = io.split_units_into_shards([sum(e.nbytes for s in unit for e in stored_layout(s, block_size)) for unit in units],
                                         num_shards)
     with io.staged_output(out_dir, overwrite=overwrite) as staging:
         weight_map: dict[str, str] = {}
