@@ -201,8 +201,9 @@ def test_ranks_sharing_a_gpu_pick_their_device_and_nccl_hostid(monkeypatch):
 
 def test_generator_on_an_explicit_cpu_device_draws_the_same_weights():
     from megatron_easyep.checkpoint import tiny
+    from megatron_easyep.checkpoint.inventory import TensorSpec
 
-    spec = tiny._linear("model.layers.1.mlp.experts.3.up_proj.weight", 48, 64)
+    spec = TensorSpec("model.layers.1.mlp.experts.3.up_proj.weight", (48, 64), "linear", 0.125, True)
     assert torch.equal(tiny.generate_tensor(spec, 7), tiny.generate_tensor(spec, 7, "cpu"))
     q_default, q_cpu = tiny._stored_tensors(spec, 7, (32, 16)), tiny._stored_tensors(spec, 7, (32, 16), "cpu")
     assert all(torch.equal(q_default[k].view(torch.uint8), q_cpu[k].view(torch.uint8)) for k in q_default)
