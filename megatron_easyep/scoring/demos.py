@@ -20,7 +20,6 @@ from pathlib import Path
 
 from megatron_easyep.checkpoint.deepseek import ASSISTANT_TOKEN, EOS_TOKEN, USER_TOKEN
 from megatron_easyep.checkpoint.io import file_sha256  # noqa: F401  (demos_lib.file_sha256: demo provenance)
-from megatron_easyep.runtime.schedule import shard_for_rank  # noqa: F401  (the run driver deals demos)
 
 DEFAULT_DOMAIN = "default"
 

@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from megatron_easyep.checkpoint import io
 from megatron_easyep.checkpoint.io import SCORE_FORMAT
-from megatron_easyep.runtime.schedule import MicroBatch, plan_micro_batches  # noqa: F401 (moved there)
 from megatron_easyep.runtime.session import ModelSession, SessionSpec, forward_loop
 from megatron_easyep.scoring import demos as demos_lib
 from megatron_easyep.scoring import metrics
