@@ -6,7 +6,8 @@
         --keep 4 8 12 --random-seeds 3 --seed 0 --output runs/compare
 
 Scores the calibration demonstrations once (with C-Prune features), then for every M, criterion
-(easyep, easyep_no_token, easyep_no_norm, gate, frequency, random x seeds, cprune) and selection
+(easyep, easyep_no_token, easyep_no_norm, gate, frequency, random x seeds, cprune; with --merge, also
+easyep's and reap's kept sets merged by each rule) and selection
 domain (each domain, and mixed) exports a pruned checkpoint into a temporary directory, loads it
 in Megatron and measures KL(full || pruned), top-1 agreement and perplexity on the held-out text
 of every domain. Writes results.csv, table.md, plots (PNG) and summary.json into --output; see
@@ -48,6 +49,12 @@ def parse_args(argv=None):
     parser.add_argument("--output")
     parser.add_argument("--keep", type=int, nargs="+", help="the M grid")
     parser.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA))
+    parser.add_argument("--merge", nargs="+", default=[], metavar="RULE",
+                        help="also evaluate the --merge-of kept sets with the dropped experts merged into the "
+                             "kept ones, one row per rule (export.py --merge; e.g. output-frequency, "
+                             "router-score-aligned)")
+    parser.add_argument("--merge-of", nargs="+", default=["easyep", "reap"], metavar="CRITERION",
+                        help="the criteria whose kept sets get merged rows (default: easyep reap)")
     parser.add_argument("--random-seeds", type=int, default=3, help="random selections per M")
     parser.add_argument("--seed", type=int, default=0,
                         help="scoring seed; random uses seeds SEED..SEED+random_seeds-1")
@@ -96,7 +103,7 @@ def main(argv=None):
         max_length=args.max_length, heldout_per_domain=args.heldout_per_domain,
         demo_counts=args.demo_counts, overlap_keep=args.overlap_keep,
         batch_size=args.batch_size, dtype=args.dtype, threads=args.threads, overwrite=args.overwrite,
-        resume=args.resume))
+        resume=args.resume, merges=args.merge, merge_of=args.merge_of))
 
 
 if __name__ == "__main__":

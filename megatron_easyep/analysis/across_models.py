@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_easyep.analysis.report import MIXED, STYLE, _index, _std, read_csv, save_figure, write_csv
+from megatron_easyep.analysis.report import MERGE_TAG, MIXED, STYLE, _index, _std, read_csv, row_criteria, save_figure, write_csv
 from megatron_easyep.checkpoint import io
 
 AGGREGATE_FIELDS = ("metric", "criterion", "keep", "setting", "models", "mean", "min", "max", "std", "per_model")
@@ -48,10 +48,10 @@ def load_runs(dirs) -> list[dict]:
         for key in ("domains", "heldout_domains"):
             if s[key] != first[key]:
                 raise AcrossModelsError(f"{run['name']}: {key} {s[key]} differ from {runs[0]['name']}'s {first[key]}")
-        for key in ("keeps", "criteria"):
-            if sorted(s["run"][key]) != sorted(first["run"][key]):
-                raise AcrossModelsError(f"{run['name']}: {key} {s['run'][key]} differ from "
-                                        f"{runs[0]['name']}'s {first['run'][key]}")
+        for key, ours, theirs in (("keeps", s["run"]["keeps"], first["run"]["keeps"]),
+                                  ("criteria", row_criteria(s["run"]), row_criteria(first["run"]))):
+            if sorted(ours) != sorted(theirs):
+                raise AcrossModelsError(f"{run['name']}: {key} {ours} differ from {runs[0]['name']}'s {theirs}")
     return runs
 
 
@@ -95,7 +95,7 @@ def aggregate(runs, metrics=("kl", "ppl_change", "top1"), settings=None) -> list
     settings = settings or ["in", *(f"in:{d}" for d in eval_domains if d in domains), "out", "mixed"]
     out = []
     for metric in metrics:
-        for criterion in first["run"]["criteria"]:
+        for criterion in row_criteria(first["run"]):
             for keep in sorted(first["run"]["keeps"]):
                 for setting in settings:
                     pairs = setting_pairs(setting, domains, eval_domains)
@@ -120,7 +120,7 @@ def win_counts(runs, metric: str = "kl", settings=("in", "out", "mixed")) -> lis
     as good as the second (lower KL / perplexity, higher top-1)."""
     first = runs[0]["summary"]
     domains, eval_domains = first["domains"], first["heldout_domains"]
-    criteria = first["run"]["criteria"]
+    criteria = row_criteria(first["run"])
     higher_is_better = metric == "top1"
     out = []
     for keep in sorted(first["run"]["keeps"]):
@@ -141,7 +141,7 @@ def best_counts(runs, metric: str, keep: int, setting: str) -> dict[str, int]:
     """How many models each criterion is the best of all criteria in (ties count for each)."""
     first = runs[0]["summary"]
     pairs = setting_pairs(setting, first["domains"], first["heldout_domains"])
-    counts = {c: 0 for c in first["run"]["criteria"]}
+    counts = {c: 0 for c in row_criteria(first["run"])}
     for run in runs:
         vals = {c: model_value(run["index"], metric, c, keep, pairs) for c in counts}
         vals = {c: v for c, v in vals.items() if v is not None}
@@ -180,7 +180,7 @@ def _fmt(metric: str, row: dict) -> str:
 def render(runs, agg: list[dict], wins: list[dict]) -> str:
     first = runs[0]["summary"]
     domains, eval_domains = first["domains"], first["heldout_domains"]
-    criteria, keeps = first["run"]["criteria"], sorted(first["run"]["keeps"])
+    criteria, keeps = row_criteria(first["run"]), sorted(first["run"]["keeps"])
     n = len(runs)
     e = next(r["n_routed_experts"] for r in runs[0]["rows"])
     keeps = [k for k in keeps if k < e]
@@ -281,7 +281,25 @@ def render(runs, agg: list[dict], wins: list[dict]) -> str:
                      for k in keeps for s in ("in", "out", "mixed")]
             out.append(f"| {other} | " + " | ".join(cells) + " |")
         out.append("")
+    out += _merged_vs_pruned(criteria, keeps, win, n)
     return "\n".join(out)
+
+
+def _merged_vs_pruned(criteria, keeps, win, n: int) -> list[str]:
+    """Per merged criterion: in how many models merging beats dropping the same experts."""
+    merged = [c for c in criteria if MERGE_TAG in c]
+    if not merged:
+        return []
+    out = ["## Merging against pruning the same kept set", "",
+           f"Models (of {n}) in which the merged model's KL is at most the pruned one's (same kept experts, "
+           f"the dropped ones folded in instead of removed). {n}/{n}: merging at least as good in every model.", "",
+           "| merged | " + " | ".join(f"M={k} {s}" for k in keeps for s in ("in", "out", "mixed")) + " |",
+           "|---|" + "---:|" * (3 * len(keeps))]
+    for c in merged:
+        base = c.split(MERGE_TAG)[0]
+        cells = [f"{win.get(('kl', k, s, c, base), '—')}/{n}" for k in keeps for s in ("in", "out", "mixed")]
+        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def write_plot(path: Path, runs, agg: list[dict]) -> None:
@@ -292,7 +310,7 @@ def write_plot(path: Path, runs, agg: list[dict]) -> None:
 
     plt.rcParams.update({"font.size": 8})
     first = runs[0]["summary"]
-    criteria = first["run"]["criteria"]
+    criteria = row_criteria(first["run"])
     e = next(r["n_routed_experts"] for r in runs[0]["rows"])
     keeps = [k for k in sorted(first["run"]["keeps"]) if k < e]
     index = {(r["criterion"], r["keep"], r["setting"]): r for r in agg if r["metric"] == "kl"}

@@ -13,7 +13,11 @@ What it does (one process, world of 1, CPU or one GPU):
    rule): builds the Selection, exports the pruned HF checkpoint into a temporary directory with
    the project's exporter, loads it in Megatron and measures on the held-out text of EVERY
    domain: KL(full || pruned) of the next-token distribution (mean per token), top-1 agreement
-   with the full model, perplexity. Selections that come out identical (random does not depend
+   with the full model, perplexity. With `merges` (rule labels of pruning.merge.MergeRule), the
+   kept sets of the `merge_of` criteria (default easyep, reap) are exported once more per rule with
+   the dropped experts merged into the kept ones (export --merge); their rows' criterion is
+   "<criterion>+merge:<rule>", and the merge uses the C-Prune features of the selection domain's
+   demonstrations. Selections that come out identical (random does not depend
    on the domain; every criterion keeps everything at M = E) are evaluated once and share a
    `selection_id`.
 4. Re-scores with the first n = 1, 2, 4, ... demonstrations of each domain (`max_demos=n`, a
@@ -85,6 +89,7 @@ from megatron_easyep.analysis.report import (
     DEMOS_OVERLAP_FIELDS,
     DOMAINS_OVERLAP_FIELDS,
     MIXED,
+    merged_criterion,
     read_csv,
     write_csv,
     write_reports,
@@ -93,8 +98,10 @@ from megatron_easyep.checkpoint import io
 from megatron_easyep.mcore import model as model_lib
 from megatron_easyep.progress import Progress
 from megatron_easyep.pruning import cprune
+from megatron_easyep.pruning.merge import MergeRule, plan_merge
 from megatron_easyep.pruning.selection import (
     RANDOM_METRIC,
+    SELECTABLE_METRICS,
     SelectionError,
     group_policy_for,
     load_scores,
@@ -103,6 +110,7 @@ from megatron_easyep.pruning.selection import (
 
 SUMMARY_FORMAT = "megatron-easyep-compare/1"
 EVALUATIONS = "evaluations"  # one JSON per evaluated selection (for --resume)
+MERGE_OF = ("easyep", "reap")  # the kept sets merged by default (--merge-of)
 
 
 class CompareError(ValueError):
@@ -128,6 +136,8 @@ class CompareRun:
     threads: int | None = None
     overwrite: bool = False
     resume: bool = False  # reuse OUTPUT/evaluations/ of an interrupted run with the same inputs
+    merges: list[str] = field(default_factory=list)  # merge rule labels (pruning.merge.MergeRule.label)
+    merge_of: list[str] = field(default_factory=lambda: list(MERGE_OF))  # kept sets that get merged rows
 
 
 def _log(message: str) -> None:
@@ -165,15 +175,22 @@ class Request:
     selection_domain: str  # a domain or MIXED
     seed: int | None
     group_policy: str
+    merge: str | None = None  # a merge rule label: the dropped experts are folded into the kept ones
+
+    @property
+    def row_criterion(self) -> str:
+        return self.criterion if self.merge is None else merged_criterion(self.criterion, self.merge)
 
     @property
     def label(self) -> str:
         seed = f" seed={self.seed}" if self.seed is not None else ""
-        return f"{self.criterion}{seed} M={self.keep} sel={self.selection_domain}"
+        return f"{self.row_criterion}{seed} M={self.keep} sel={self.selection_domain}"
 
 
 def build_requests(run: CompareRun, domains, config) -> list[Request]:
+    """Every criterion's pruned models, then each merge rule over the merged kept sets, per M."""
     seeds = [run.seed + i for i in range(run.random_seeds)]
+    merge_of = [c for c in run.merge_of if c in run.criteria] if run.merges else []
     out = []
     for keep in run.keeps:
         policy = group_policy_for(keep, config)
@@ -181,7 +198,31 @@ def build_requests(run: CompareRun, domains, config) -> list[Request]:
             for sel in [*domains, MIXED]:
                 for seed in (seeds if criterion == RANDOM_METRIC else [None]):
                     out.append(Request(criterion, keep, sel, seed, policy))
+        for rule in run.merges:
+            for criterion in merge_of:
+                for sel in [*domains, MIXED]:
+                    out.append(Request(criterion, keep, sel, None, policy, rule))
     return out
+
+
+def model_id(req: Request, selection, merge) -> str:
+    """What the evaluated checkpoint is: the selection, and the merge rule when it merges anything
+    (a merge with nothing dropped, M = E, is the pruned model itself)."""
+    sid = selection_id(selection)
+    if merge is None or not merge.clusters:
+        return sid
+    return hashlib.sha256(f"{sid}|merge|{req.merge}".encode()).hexdigest()[:12]
+
+
+def merge_plan(req: Request, selection, scored, hf_checkpoint):
+    """The merge of a merged request: C-Prune features restricted to the selection domain's demos."""
+    scores, features, ranges = scored
+    domains = list(scores.domains) if req.selection_domain == MIXED else [req.selection_domain]
+    rule = MergeRule.parse(req.merge)
+    own = None
+    if features is not None:
+        own = features[:, :, [i for d in domains for i in ranges[d]]]
+    return plan_merge(hf_checkpoint, selection, scores, rule, features=own)
 
 
 def make_selection(req: Request, scores, config, features, ranges):
@@ -284,6 +325,20 @@ def _validate(run: CompareRun, config) -> None:
             group_policy_for(keep, config)
         except SelectionError as err:
             raise CompareError(str(err)) from None
+    for label in run.merges:
+        try:
+            MergeRule.parse(label)
+        except ValueError as err:
+            raise CompareError(f"--merge {label!r}: {err}") from None
+    if len(set(run.merges)) != len(run.merges):
+        raise CompareError(f"duplicate merge rules {run.merges}")
+    if run.merges:
+        unmergeable = [c for c in run.merge_of if c not in SELECTABLE_METRICS]
+        if unmergeable:
+            raise CompareError(f"--merge-of {unmergeable}: only score criteria can be merged "
+                               f"({list(SELECTABLE_METRICS)})")
+        if not any(c in run.criteria for c in run.merge_of):
+            raise CompareError(f"--merge needs one of --merge-of {run.merge_of} among --criteria {run.criteria}")
     if run.demo_counts is not None and any(n < 1 for n in run.demo_counts):
         raise CompareError(f"demo counts must be positive, got {run.demo_counts}")
 
@@ -313,8 +368,9 @@ def _pruned_models(run: CompareRun, output: Path, config, scored, heldout, refs,
     with tempfile.TemporaryDirectory(prefix=".compare-exports-", dir=output) as tmp:
         for i, req in enumerate(requests, 1):
             sel = make_selection(req, scores, config, features, ranges)
-            sid = selection_id(sel)
-            selections[f"{req.criterion}|{req.seed}|{req.selection_domain}|{req.keep}"] = {
+            merge = None if req.merge is None else merge_plan(req, sel, (scores, features, ranges), run.hf_checkpoint)
+            sid = model_id(req, sel, merge)
+            selections[f"{req.row_criterion}|{req.seed}|{req.selection_domain}|{req.keep}"] = {
                 **asdict(req), "selection_id": sid,
                 "kept": {str(k): list(v) for k, v in sel.kept.items()},
                 "disabled": {str(k): list(v) for k, v in (sel.disabled or {}).items()}}
@@ -327,7 +383,7 @@ def _pruned_models(run: CompareRun, output: Path, config, scored, heldout, refs,
                     note = " (from the interrupted run)"
                 else:
                     dst = Path(tmp) / sid
-                    export_pruned(run.hf_checkpoint, dst, sel, mtp="drop", overwrite=True)
+                    export_pruned(run.hf_checkpoint, dst, sel, mtp="drop", overwrite=True, merge=merge)
                     evaluated[sid] = evaluate_checkpoint(dst, heldout, refs, dtype, run.batch_size, run.seed)
                     shutil.rmtree(dst, ignore_errors=True)
                     _store_evaluation(output, sid, fingerprint, evaluated[sid])
@@ -335,7 +391,7 @@ def _pruned_models(run: CompareRun, output: Path, config, scored, heldout, refs,
                 note = " (same selection as an earlier one: reused)"
             result = evaluated[sid]
             for d, r in result.items():
-                rows.append({"criterion": req.criterion, "seed": "" if req.seed is None else req.seed,
+                rows.append({"criterion": req.row_criterion, "seed": "" if req.seed is None else req.seed,
                              "selection_domain": req.selection_domain, "keep": req.keep,
                              "n_routed_experts": config.n_routed_experts, "group_policy": req.group_policy,
                              "eval_domain": d, **r, "selection_id": sid})
@@ -395,7 +451,8 @@ def run_compare(run: CompareRun) -> Path:
     (output / EVALUATIONS).mkdir(parents=True, exist_ok=True)
     fingerprint = _evaluation_fingerprint(run, config)
     parallel.init_parallel(1, seed=run.seed)
-    want_features = CPRUNE in run.criteria or CPRUNE_GLOBAL in run.criteria
+    want_features = (CPRUNE in run.criteria or CPRUNE_GLOBAL in run.criteria
+                     or any(MergeRule.parse(m).assign == "output" for m in run.merges))
 
     # 1. one scoring run with every demonstration
     _log(f"scoring {len(run.demos)} demo file(s) with all demonstrations"

@@ -24,6 +24,21 @@ CSV_FIELDS = ("criterion", "seed", "selection_domain", "keep", "n_routed_experts
               "selection_id")
 DEMOS_OVERLAP_FIELDS = ("metric", "domain", "demos", "keep", "group_policy", "layer", "overlap")
 DOMAINS_OVERLAP_FIELDS = ("metric", "domain_a", "domain_b", "keep", "group_policy", "layer", "jaccard")
+MERGE_TAG = "+merge:"  # a merged row's criterion: "<kept-set criterion>+merge:<rule label>"
+
+
+def merged_criterion(criterion: str, rule_label: str) -> str:
+    return f"{criterion}{MERGE_TAG}{rule_label}"
+
+
+def row_criteria(run: dict) -> list[str]:
+    """Every criterion a comparison's rows carry: the selection criteria, then each merge rule applied
+    to each merged kept set (`CompareRun.merges` x `CompareRun.merge_of`; absent in older runs)."""
+    criteria = list(run["criteria"])
+    merge_of = [c for c in run.get("merge_of", []) if c in criteria]
+    return criteria + [merged_criterion(c, rule) for rule in run.get("merges", []) for c in merge_of]
+
+
 PLOTS = ("quality_vs_m.png", "score_heatmaps.png", "overlap_demos.png", "overlap_domains.png")
 
 
@@ -112,7 +127,7 @@ def render_tables(rows, summary: dict, config, domains_overlap) -> str:
     overlap_keep = summary["overlap_keep"]
     overlap_policy = group_policy_for(overlap_keep, config)
     keeps = sorted(run["keeps"])
-    criteria = list(run["criteria"])
+    criteria = row_criteria(run)
     e = config.n_routed_experts
     policy = {k: group_policy_for(k, config) for k in keeps}
     out = ["# Expert-selection comparison", "",
