@@ -153,9 +153,9 @@ def merge_experts(members: Iterable[tuple[float, dict[str, torch.Tensor]]]) -> d
 def neuron_permutation(reference: dict[str, torch.Tensor], expert: dict[str, torch.Tensor]) -> np.ndarray:
     """π with expert's neuron π[j] matched to reference's neuron j, maximising the summed inner
     products of their concatenated gate/up rows (M-SMoE's weight matching)."""
-    ref = torch.cat([reference["gate_proj"], reference["up_proj"]], dim=1).double()
-    other = torch.cat([expert["gate_proj"], expert["up_proj"]], dim=1).double()
-    rows, cols = linear_sum_assignment((ref @ other.T).numpy(), maximize=True)
+    ref = torch.cat([reference["gate_proj"], reference["up_proj"]], dim=1).float()
+    other = torch.cat([expert["gate_proj"], expert["up_proj"]], dim=1).float()
+    rows, cols = linear_sum_assignment((ref @ other.T).double().numpy(), maximize=True)
     permutation = np.empty(len(rows), dtype=np.int64)
     permutation[rows] = cols
     return permutation
