@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     for rule, r in results.items():
         cluster = r["largest_cluster"] * expert_fp32
         limit, above = budget + cluster, r["rss"] - import_rss
-        print(f"| {'plain' if rule == 'none' else '--merge ' + rule} | {r['rss'] / MIB:.0f} MiB | {above / MIB:.0f} MiB | "
-              f"{limit / MIB:.0f} MiB {'(met)' if above <= limit else '(MISSED)'} | "
+        print(f"| {'plain' if rule == 'none' else '--merge ' + rule} | {r['rss'] / MIB:.0f} MiB | "
+              f"{above / MIB:.0f} MiB | {limit / MIB:.0f} MiB {'(met)' if above <= limit else '(MISSED)'} | "
               f"{r['largest_cluster']} experts ({cluster / MIB:.0f} MiB) | {r['seconds']:.1f} |")
     plain = results["none"]["rss"]
     for rule in RULES[1:]:

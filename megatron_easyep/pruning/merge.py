@@ -243,7 +243,8 @@ def _weight_rows(scores: ScoreFile, selection: Selection, rule: MergeRule) -> tu
     if not selection.domains:
         return rows, f"{metric} (all domains)"
     weights = f", weighted {list(selection.domain_weights)}" if selection.domain_weights else ""
-    return rows, f"{metric} over domains {list(selection.domains)}{weights} (per-domain rows L1-normalised, as selected)"
+    return rows, (f"{metric} over domains {list(selection.domains)}{weights} "
+                  f"(per-domain rows L1-normalised, as selected)")
 
 
 def _check_features(features, scores: ScoreFile, config: DeepseekV3Config, source: str) -> None:
