@@ -4,6 +4,7 @@
         --keep 128 --metric easyep [--domains math,code --domain-weights 1,2] \
         [--group-policy equal-per-group|collapse] [--target-ep 8] [--seed 0] \
         [--mtp prune|drop] [--allow-unexpected-tensors] [--overwrite] \
+        [--merge output-frequency|router-score-aligned|... [--cprune-features FILE]] \
         [--rebalance-bias --demos FILE:DOMAIN [--rebalance-steps N] [--rebalance-step-size S]
          [--expert-parallel EP] [--pipeline-parallel PP]]
 
@@ -15,6 +16,11 @@ scoring (`torchrun --nproc-per-node 4 converters/export_pruned.py ... --expert-p
 demonstrations with DeepSeek's aux-loss-free rule, layer by layer in Megatron-Core
 (megatron_easyep.analysis.rebalance), before the output is published.
 
+--merge RULE folds every dropped expert into a kept one instead of dropping it (HC-SMoE / M-SMoE;
+megatron_easyep.pruning.merge, docs/merging.md): RULE = ASSIGN-WEIGHTS[-aligned], ASSIGN `output`
+(C-Prune features, default SCORE_DIR/cprune_features.safetensors) or `router`, WEIGHTS `frequency`
+or `score` (the --metric's scores). With --rebalance-bias, the bias is fitted on the merged model.
+
 The library does the work (megatron_easyep.pruning.selection, .export, .preflight); this file only
 parses arguments. Any problem with the request is reported on stderr with exit code 2, before
 any output exists.
@@ -25,10 +31,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from megatron_easyep.analysis.rebalance import DEFAULT_ITERATIONS, DEFAULT_STEP, RebalanceRequest
 from megatron_easyep.progress import Progress
+from megatron_easyep.pruning.cprune import FEATURES_FILE, load_features
 from megatron_easyep.pruning.export import MTP_ACTIONS, export_pruned
+from megatron_easyep.pruning.merge import ASSIGNMENTS, WEIGHTINGS, MergeRule, plan_merge
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
 from megatron_easyep.pruning.preflight import format_preflight
 from megatron_easyep.pruning.selection import GROUP_POLICIES, load_scores, select_for_checkpoint
@@ -45,6 +54,13 @@ def _weights(text: str) -> list[float]:
         return [float(item) for item in _csv(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"domain weights must be numbers, got {text!r}") from None
+
+
+def _merge_rule(text: str) -> MergeRule:
+    try:
+        return MergeRule.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-unexpected-tensors", action="store_true",
                         help="accept tensors the config does not describe (vendor extras; copied verbatim)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    merge = parser.add_argument_group("merging instead of dropping (off by default)")
+    merge.add_argument("--merge", type=_merge_rule, default=None, metavar="RULE",
+                       help=f"fold each dropped expert into the most similar kept one (same routing group under "
+                            f"equal-per-group): ASSIGN-WEIGHTS[-aligned] with ASSIGN in {list(ASSIGNMENTS)} "
+                            f"(C-Prune output features / router rows), WEIGHTS in {list(WEIGHTINGS)} (routed "
+                            f"frequency / the --metric's score); -aligned permutes neurons first (M-SMoE)")
+    merge.add_argument("--cprune-features", default=None, metavar="FILE",
+                       help=f"C-Prune features for --merge output-* (default: SCORE_DIR/{FEATURES_FILE})")
     rebalance = parser.add_argument_group("router bias rebalancing (off by default)")
     rebalance.add_argument("--rebalance-bias", action="store_true",
                            help="re-fit the kept experts' e_score_correction_bias on --demos with DeepSeek's "
@@ -118,11 +142,22 @@ class ExportProgress:
             self.bar = None
 
 
+def _features(args):
+    """The C-Prune features memory map (--cprune-features, else the score directory's)."""
+    path = Path(args.cprune_features) if args.cprune_features else Path(args.scores) / FEATURES_FILE
+    if not path.is_file():
+        raise ValueError(f"--merge {args.merge.label} needs C-Prune features: {path} does not exist (score with "
+                         f"--cprune-features, or pass --cprune-features FILE)")
+    return load_features(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.demos or args.rebalance_heldout) and not args.rebalance_bias:
         parser.error("--demos and --rebalance-heldout are only used by --rebalance-bias")
+    if args.cprune_features and not args.merge:
+        parser.error("--cprune-features is only used by --merge")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.rebalance_bias:
         parser.error("several ranks (torchrun) are only used by --rebalance-bias")
     rebalance = None
@@ -150,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             target_ep=args.target_ep,
             seed=args.seed,
         )
+        merge = None
+        if args.merge is not None:
+            merge = plan_merge(args.hf_checkpoint, selection, scores, args.merge,
+                               features=_features(args) if args.merge.assign == "output" else None)
         progress = ExportProgress()
         report = export_pruned(
             args.hf_checkpoint,
@@ -161,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda message: print(message, file=sys.stderr),
             finalize=rebalance.finalize if rebalance else None,
             progress=progress,
+            merge=merge,
         )
         progress.close()
     except (ValueError, OSError) as err:  # CheckpointError, SelectionError, ExportError, RebalanceError, I/O
@@ -176,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{report.seconds:.1f} s"
     )
     print(format_preflight(report.preflight))
+    if merge is not None:
+        record = report.pruning["merge"]
+        absorbed = sum(len(members) - 1 for by_kept in record["clusters"].values() for members in by_kept.values())
+        print(f"merged ({record['rule']}): {absorbed} dropped experts folded into kept ones; max re-quantisation "
+              f"error {record['max_requantization_error']:.3g} (relative Frobenius)")
     if rebalance:
         record = report.pruning["rebalance_bias"]
         for layer, row in record["per_layer"].items():

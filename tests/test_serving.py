@@ -5,13 +5,15 @@ One module fixture does the user's whole path on a DeepSeek-V3-architecture chec
 DeepSeek's latent widths (kv_lora_rank 512 + qk_rope_head_dim 64, the only MLA head size vLLM's CPU
 kernel takes), 16 experts in 4 groups and an MTP layer: it scores with `launch/score.py` on 2 ranks,
 exports with the converters (both group policies, --rebalance-bias, a C-Prune export with disabled
-slots, the FP8 original exported then converted to BF16), adds two deliberately broken copies (one
+slots, a merged export (--merge output-frequency-aligned), the FP8 original exported then converted
+to BF16), adds two deliberately broken copies (one
 kept expert corrupted; a config the preflight flags), then runs ONE subprocess in .venv-serve
 (tests/serving/vllm_worker.py) that serves every checkpoint in fp32.
 
 The oracles are stock transformers on the same checkpoint (prompt log-probs and 16 greedy tokens)
 and, for pruned exports, the ORIGINAL checkpoint in transformers with the pruned experts masked out
-of routing (tests/test_export.py's masked router). The tolerance is 1e-4 nats per token.
+of routing (tests/test_export.py's masked router); for the merged export, the kept experts of that
+original are first overwritten with tests/test_merge.py's independent merge of the recorded clusters. The tolerance is 1e-4 nats per token.
 
 The serving venv is built by `make .venv-serve/.installed` (`make test` and `make serve-check` do it).
 Without it this test FAILS: it is a CPU test, not a GPU one, so it never skips.
@@ -35,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_oracle import load_transformers_model, read_checkpoint_tensors
 from test_export import masked_router_forward
+from test_merge import oracle_experts, oracle_merge, stored_rounding
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
 from megatron_easyep.checkpoint.tiny import make_tiny_checkpoint
 from megatron_easyep.pruning.preflight import preflight_for_config
@@ -135,6 +138,9 @@ def build_checkpoints(root: Path) -> dict:
     _run(sys.executable, REPO / "converters" / "cprune_select.py", "--hf-checkpoint", src, "--scores", scores,
          "--output", root / "cprune-disabled", "--keep", KEEP, "--global-keep-ratio", 0.75, "--uneven", "disable")
     out["cprune-disabled"] = {"path": root / "cprune-disabled", "oracle_source": src}
+    path = _export(src, scores, root / "merged", "--group-policy", "equal-per-group",
+                   "--merge", "output-frequency-aligned")  # features: the score dir's (--cprune-features)
+    out["merged"] = {"path": path, "oracle_source": src, "merged": True}
 
     # FP8: score and prune the FP8 original, then convert the export (vLLM's CPU FP8 needs AMX)
     fp8_export = _export(src_fp8, scores_fp8, root / "fp8-equal-per-group", "--group-policy", "equal-per-group")
@@ -187,9 +193,30 @@ def _kept_and_routing(export: Path, record_path: Path | None, *, route_disabled=
     return kept, int(config["n_group"]), int(config["topk_group"])
 
 
+def merge_in_memory(model, export: Path, source: Path) -> None:
+    """Overwrite the original's kept experts with the merge of the clusters the export records,
+    computed by tests/test_merge.py's oracle (float64, then the bf16 the export stores)."""
+    assert not json.loads((source / "config.json").read_text()).get("quantization_config"), "bf16 source expected"
+    record = json.loads((export / "pruning.json").read_text())["merge"]
+    weights = oracle_experts(source)
+    with torch.no_grad():
+        for layer, by_kept in record["clusters"].items():
+            if int(layer) >= model.config.num_hidden_layers:
+                continue  # MTP: not part of serving
+            experts = model.model.layers[int(layer)].mlp.experts
+            for kept, members in by_kept.items():
+                merged = {p: stored_rounding(v, "bf16", None) for p, v in
+                          oracle_merge(weights, int(layer), [(m, w) for m, w in members], record["align"]).items()}
+                experts.gate_up_proj[int(kept)] = torch.cat([merged["gate_proj"], merged["up_proj"]])
+                experts.down_proj[int(kept)] = merged["down_proj"]
+
+
 def masked_oracle(info: dict, prompts, *, route_disabled=False):
-    """The original in transformers, routing restricted to the export's routable experts."""
+    """The original in transformers, routing restricted to the export's routable experts (for a
+    merged export, with the kept experts merged in memory)."""
     model = load_transformers_model(info["oracle_source"])
+    if info.get("merged"):
+        merge_in_memory(model, info["path"], info["oracle_source"])
     kept, n_group, topk_group = _kept_and_routing(info["path"], info.get("pruning_record"),
                                                   route_disabled=route_disabled)
     original_groups = model.config.n_group
@@ -298,7 +325,8 @@ def _summary(checkpoints, rows) -> dict:
     return out
 
 
-SERVED_EXPORTS = ["original", "equal-per-group", "collapse", "rebalance-bias", "cprune-disabled", "fp8-export-bf16"]
+SERVED_EXPORTS = ["original", "equal-per-group", "collapse", "rebalance-bias", "cprune-disabled", "merged",
+                  "fp8-export-bf16"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +370,18 @@ def test_disabled_slots_matter(served):
     enabled_everywhere, _ = masked_oracle(info, served["prompts"], route_disabled=True)
     served_logprobs = served["rows"]["cprune-disabled"]["vllm"]["prompt_logprobs"]
     assert _max_abs_diff(served_logprobs, enabled_everywhere) > 1e-2, "the disabled slots would not be routed anyway"
+
+
+def test_the_merged_experts_are_what_was_served(served):
+    """The merged export keeps the equal-per-group export's experts (same selection) but serves
+    other weights: the merge really reached vLLM (its oracle above had the merged experts)."""
+    merged, pruned = served["checkpoints"]["merged"], served["checkpoints"]["equal-per-group"]
+    record = json.loads((merged["path"] / "pruning.json").read_text())
+    assert record["kept_experts"] == json.loads((pruned["path"] / "pruning.json").read_text())["kept_experts"]
+    assert record["merge"]["rule"] == "output-frequency-aligned" and record["merge"]["clusters"]
+    diff = _max_abs_diff(served["rows"]["merged"]["vllm"]["prompt_logprobs"],
+                         served["rows"]["equal-per-group"]["vllm"]["prompt_logprobs"])
+    assert diff > 1e-2, f"the merged export serves like the pruned one (max diff {diff:.3g} nats)"
 
 
 def test_rebalanced_bias_is_what_was_served(served):

@@ -17,6 +17,10 @@ No model and no Megatron: the exporter rewrites safetensors shards at the byte l
   (e.g. MTP dropped) is not written.
 - Everything is validated before the first byte is written; the output is assembled in a
   temporary sibling of DST and renamed into place at the end.
+- Merging instead of dropping (`merge=`, a `merge.MergePlan`): after the byte copy, each kept
+  expert that absorbs dropped ones is overwritten in place with the merged weights (same names,
+  dtypes, shapes; pruning.json "merge"), before `finalize` runs (so --rebalance-bias fits the
+  merged model). See pruning/merge.py.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from megatron_easyep.checkpoint.reader import (
     StoredTensor as _StoredTensor,
     read_safetensors_header as _read_safetensors_header,
 )
+from megatron_easyep.pruning.merge import MERGE_KEY, MergePlan, MergeWriter
 from megatron_easyep.pruning.preflight import PREFLIGHT_FILE, dumps_preflight, preflight_for_config
 from megatron_easyep.pruning.selection import (
     DISABLED_BIAS,
@@ -334,13 +339,28 @@ def _mtp_rule(selection: Selection, layer: int) -> str:
     return "scored"
 
 
+def _dumps_layer_maps(value, level: int) -> str:
+    """JSON of a nested record where a dict keyed by layer (or expert) numbers gets one line per
+    key, and lists stay on one line (pruning.json's "merge": 61 layers x 128 clusters)."""
+    if not isinstance(value, dict) or not value:
+        return json.dumps(value)
+    pad, close = "  " * (level + 1), "  " * level
+    by_number = all(str(key).isdigit() for key in value)
+    items = [f"{pad}{json.dumps(key)}: " + (json.dumps(item) if by_number else _dumps_layer_maps(item, level + 1))
+             for key, item in value.items()]
+    return "{\n" + ",\n".join(items) + "\n" + close + "}"
+
+
 def _dumps_pruning_record(record: dict[str, Any]) -> str:
     """JSON with one line per layer's kept (and disabled) ids (readable at 61 layers x 128 ids)."""
     compact = [key for key in ("disabled_experts", "kept_experts") if key in record]
-    text = json.dumps({k: v for k, v in record.items() if k not in compact}, indent=2)[: -len("\n}")]
+    layered = [key for key in (MERGE_KEY,) if key in record]
+    text = json.dumps({k: v for k, v in record.items() if k not in compact + layered}, indent=2)[: -len("\n}")]
     for key in compact:
         layers = ",\n".join(f"    {json.dumps(layer)}: {json.dumps(ids)}" for layer, ids in record[key].items())
         text += f',\n  "{key}": {{' + (f"\n{layers}\n  }}" if layers else "}")
+    for key in layered:
+        text += f',\n  "{key}": ' + _dumps_layer_maps(record[key], 1)
     return text + "\n}\n"
 
 
@@ -413,6 +433,7 @@ def export_pruned(
     log=None,
     finalize=None,
     progress=None,
+    merge: MergePlan | None = None,
 ) -> ExportReport:
     """Write a pruned copy of the HF checkpoint `src_dir` to `dst_dir` (see the module docstring).
 
@@ -427,6 +448,9 @@ def export_pruned(
     pruning.json is written and the directory is renamed into place; it may rewrite tensor bytes
     in place and add keys to `pruning` (analysis/rebalance.py: --rebalance-bias). If it raises,
     nothing is published. `progress(bytes_written, total_bytes)` is called after each shard.
+    `merge` (a `merge.MergePlan`): fold the dropped experts into the kept ones (pruning/merge.py);
+    checked against this selection and the source's tensors before anything is written, applied
+    to the staged output before `finalize`.
     """
     started = time.perf_counter()
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
@@ -450,6 +474,9 @@ def export_pruned(
         )
     dropped = set(mtp_layers) if mtp == "drop" else set()
     plan, shard_metadata = _plan(checkpoint, layer_kept, dropped, layer_disabled)
+    merger = None
+    if merge is not None:
+        merger = MergeWriter.prepare(merge, checkpoint, layer_kept, layer_disabled, dropped_layers=dropped)
     config_text = (src / CONFIG_FILE).read_text(encoding="utf-8")
     new_config = _pruned_config(config_text, config, selection, drop_mtp=bool(dropped))
     DeepseekV3Config.from_dict(new_config, source=f"pruned {CONFIG_FILE}")  # the result must parse too
@@ -481,6 +508,8 @@ def export_pruned(
                 shutil.copytree(path, staging / path.name, symlinks=False)
             else:
                 shutil.copy2(path, staging / path.name)
+        if merger is not None:
+            pruning[MERGE_KEY] = merger.apply(staging, weight_map, log)
         if finalize is not None:
             finalize(staging, pruning, log)
         (staging / PRUNING_FILE).write_text(_dumps_pruning_record(pruning), encoding="utf-8")
