@@ -113,3 +113,27 @@ def test_runs_with_different_grids_are_refused(two_models, tmp_path):
                            str(other), "--output", str(tmp_path / "x")], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert proc.returncode != 0 and "m3: keeps" in proc.stderr
+
+
+def test_merged_rows_are_counted_against_pruning_the_same_kept_set(tmp_path):
+    """A merged criterion ("easyep+merge:<rule>") is aggregated like any other and compared with the
+    pruned rows of its own kept set: model 1 merges better in-domain (0.05 < 0.1 on a, 0.2 < 0.3 on
+    b: mean 0.125 vs 0.2) and worse out-of-domain; model 2 worse in both. In-domain: 1 of 2."""
+    merged = "easyep+merge:output-frequency"
+    runs = []
+    for name, easyep, merge in (("m1", _table(0.1, 0.5, 0.7, 0.3, 0.2, 0.4), _table(0.05, 0.9, 0.9, 0.2, 0.1, 0.4)),
+                                ("m2", _table(0.3, 0.5, 0.5, 0.1, 0.2, 0.2), _table(0.4, 0.6, 0.6, 0.2, 0.3, 0.3))):
+        kl = {("easyep", "", s, e): v for (s, e), v in easyep.items()}
+        kl.update({(merged, "", s, e): v for (s, e), v in merge.items()})
+        path = _write_run(tmp_path / name, kl, criteria=("easyep",))
+        summary = json.loads((path / "summary.json").read_text())
+        summary["run"].update(merges=["output-frequency"], merge_of=["easyep", "reap"])  # reap not run: no rows
+        (path / "summary.json").write_text(json.dumps(summary))
+        runs.append(path)
+    out = across_models.aggregate_runs(runs, tmp_path / "agg")
+    table = out.joinpath("table.md").read_text() if out.is_dir() else out.read_text()
+    agg = {(r["metric"], r["criterion"], r["setting"]): r for r in csv.DictReader(open(tmp_path / "agg" / "aggregate.csv"))}
+    assert float(agg[("kl", merged, "in")]["mean"]) == pytest.approx((0.125 + 0.3) / 2)
+    section = table.split("## Merging against pruning the same kept set")[1]
+    row = next(line for line in section.splitlines() if line.startswith(f"| {merged} |"))
+    assert row.split("|")[2:5] == [" 1/2 ", " 0/2 ", " 1/2 "]  # in, out, mixed (mixed: m1 0.25 vs 0.3, m2 0.3 vs 0.2)

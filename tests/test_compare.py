@@ -23,6 +23,8 @@ KEEPS = [8, 16]
 SEEDS = [0, 1]
 METRICS = ["easyep", "easyep_no_token", "easyep_no_norm", "gate", "frequency"]
 CRITERIA = [*METRICS, "reap", "random", "cprune", "cprune_global"]  # the grid's default order
+MERGE_RULE = "output-frequency"
+MERGED = f"easyep+merge:{MERGE_RULE}"  # easyep's kept sets with the dropped experts merged in
 FIELDS = ["criterion", "seed", "selection_domain", "keep", "n_routed_experts", "group_policy", "eval_domain",
           "tokens", "kl", "top1", "nll", "ppl", "nll_full", "ppl_full", "selection_id"]
 PLOTS = ["quality_vs_m.png", "score_heatmaps.png", "overlap_demos.png", "overlap_domains.png"]
@@ -36,7 +38,7 @@ def compared(tiny_checkpoint_factory, tmp_path_factory):
     out = root / "out"
     cmd = [sys.executable, str(REPO / "launch" / "compare.py"), "--hf-checkpoint", str(ckpt),
            "--output", str(out), "--keep", *map(str, KEEPS), "--random-seeds", str(len(SEEDS)),
-           "--seed", "0", "--threads", "1", "--batch-size", "4"]
+           "--seed", "0", "--threads", "1", "--batch-size", "4", "--merge", MERGE_RULE, "--merge-of", "easyep"]
     for d in DOMAINS:
         cmd += ["--demos", f"{demos[d]}:{d}", "--heldout", f"{demos[d + '_heldout']}:{d}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -59,7 +61,7 @@ def test_csv_has_one_row_per_model_and_heldout_domain(compared):
     rows = compared["rows"]
     keys = [(r["criterion"], r["seed"], r["selection_domain"], int(r["keep"]), r["eval_domain"]) for r in rows]
     expected = {(c, str(s) if c == "random" else "", sel, k, e)
-                for c in CRITERIA for s in (SEEDS if c == "random" else [None])
+                for c in [*CRITERIA, MERGED] for s in (SEEDS if c == "random" else [None])
                 for sel in [*DOMAINS, "mixed"] for k in KEEPS for e in DOMAINS}
     assert len(keys) == len(set(keys)) == len(expected)
     assert set(keys) == expected
@@ -85,6 +87,23 @@ def test_keeping_every_expert_is_the_full_model(compared):
         assert _num(r, "top1") == 1.0, r
         assert _num(r, "ppl") == pytest.approx(_num(r, "ppl_full"), rel=1e-12)
     assert len({r["selection_id"] for r in full}) == 1
+
+
+def test_merged_rows_are_their_own_models(compared):
+    """Merging nothing (M = E) is the pruned model itself, so the row shares its evaluation; at M = 8
+    the merged model is another checkpoint than the pruned one with the same kept experts."""
+    rows = {(r["criterion"], r["selection_domain"], int(r["keep"]), r["eval_domain"]): r for r in compared["rows"]}
+    for (criterion, sel, keep, ev), r in rows.items():
+        if criterion != MERGED:
+            continue
+        pruned = rows[("easyep", sel, keep, ev)]
+        if keep == 16:
+            assert r["selection_id"] == pruned["selection_id"] and _num(r, "kl") == 0.0
+        else:
+            assert r["selection_id"] != pruned["selection_id"]
+            assert _num(r, "kl") != _num(pruned, "kl") and _num(r, "kl") > 1e-3
+    table = (compared["out"] / "table.md").read_text()
+    assert f"| {MERGED} | 8 |" in table
 
 
 def test_pruning_half_the_experts_changes_the_model(compared):
@@ -145,11 +164,11 @@ def test_table_is_laid_out_like_the_paper(compared):
     single = tables["Single-domain selection: KL(full ‖ pruned), nats/token (lower is better)"]
     assert single[0] == ["criterion", "M", "in: math", "in: code", "in: mean", "out: math", "out: code",
                          "out: mean"]
-    assert [(r[0], r[1]) for r in single[1:]] == [(c, str(k)) for c in CRITERIA for k in KEEPS]
+    assert [(r[0], r[1]) for r in single[1:]] == [(c, str(k)) for c in [*CRITERIA, MERGED] for k in KEEPS]
     mixed = tables["Mixed-domain selection (all domains, L1-mixed): KL(full ‖ pruned), nats/token "
                    "(lower is better)"]
     assert mixed[0] == ["criterion", "M", "math", "code", "mean"]
-    assert [(r[0], r[1]) for r in mixed[1:]] == [(c, str(k)) for c in CRITERIA for k in KEEPS]
+    assert [(r[0], r[1]) for r in mixed[1:]] == [(c, str(k)) for c in [*CRITERIA, MERGED] for k in KEEPS]
 
     def csv_value(criterion, sel, keep, d, metric="kl"):
         return next(_num(r, metric) for r in rows if (r["criterion"], r["selection_domain"], r["keep"],

@@ -209,7 +209,7 @@ def model_id(req: Request, selection, merge) -> str:
     """What the evaluated checkpoint is: the selection, and the merge rule when it merges anything
     (a merge with nothing dropped, M = E, is the pruned model itself)."""
     sid = selection_id(selection)
-    if merge is None or not merge.clusters:
+    if merge is None or not any(merge.clusters.values()):
         return sid
     return hashlib.sha256(f"{sid}|merge|{req.merge}".encode()).hexdigest()[:12]
 
