@@ -494,3 +494,31 @@ def test_cli_merge(sources, tmp_path):
     failed = _cli(*common, "--output", tmp_path / "nothing", "--merge", "output-score", "--cprune-features", wrong)
     assert failed.returncode == 2 and "hidden_size = 64" in failed.stderr, failed.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wrong.safetensors"]
+
+
+def test_a_scored_mtp_layer_is_merged_and_dropped_with_it(sources, tmp_path):
+    """An MTP layer with a score row (and features) is merged like any layer; with mtp='drop' its
+    clusters go with it (recorded), and the main layers are merged the same way."""
+    source = sources["bf16"]
+    config = source["config"]
+    layers = [*source["layers"], MTP_LAYER]
+    scores = load_scores(write_score_file(tmp_path / "scores", _raw_scores(layers), layers, config.config_hash,
+                                          DOMAINS))
+    features = torch.randn(len(layers), E, DEMOS, 64, generator=torch.Generator().manual_seed(2)).numpy()
+    selection = select_for_checkpoint(scores, config, keep=KEEP, metric="easyep", domains=DOMAINS)
+    assert selection.fallback_layers == ()
+    plan = plan_merge(source["src"], selection, scores, "output-score", features=features)
+    assert plan.clusters[MTP_LAYER] and not plan.skipped_layers
+
+    kept_id = next(iter(plan.clusters[MTP_LAYER]))
+    name = f"model.layers.{MTP_LAYER}.mlp.experts.{{}}.down_proj.weight"
+    pruned = read_checkpoint_tensors(export_pruned(source["src"], tmp_path / "prune", selection, merge=plan).path)
+    new = selection.kept[MTP_LAYER].index(kept_id)
+    want = oracle_merge(oracle_experts(source["src"]), MTP_LAYER, plan.clusters[MTP_LAYER][kept_id], False)
+    assert np.allclose(pruned[name.format(new)].double().numpy(), want["down_proj"], rtol=2 ** -7, atol=1e-7)
+
+    dropped = export_pruned(source["src"], tmp_path / "drop", selection, merge=plan, mtp="drop").path
+    record = json.loads((dropped / "pruning.json").read_text())["merge"]
+    assert str(MTP_LAYER) not in record["clusters"] and "dropped" in record["skipped_layers"][str(MTP_LAYER)]
+    main = f"model.layers.{source['layers'][0]}.mlp.experts.0.up_proj.weight"
+    assert raw_bytes(read_checkpoint_tensors(dropped)[main]) == raw_bytes(pruned[main])

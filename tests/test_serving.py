@@ -48,6 +48,11 @@ REPO = Path(__file__).resolve().parents[1]
 SERVE_PYTHON = Path(os.environ.get("EASYEP_SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
 WORKER = REPO / "tests" / "serving" / "vllm_worker.py"
 BOUND = 1e-4  # nats per prompt token
+# the merged export against its in-memory oracle: the oracle rounds the exact (float64) merge to bf16,
+# the export its fp32 merge; where the two sit within an fp32 ulp of a bf16 rounding tie they round
+# apart by one bf16 ulp (a handful of elements: ~1e-4 nats here); vLLM vs transformers on the merged
+# checkpoint itself keeps BOUND, and merging moves the log-probs by > 1e-2
+MERGED_ORACLE_BOUND = 1e-3
 GREEDY_TOKENS = 16
 KEEP = 8
 HEAVY_TIMEOUT = 600
@@ -349,7 +354,8 @@ def test_vllm_matches_the_masked_routing_oracle(served, name):
     (for cprune-disabled: never routed to a disabled slot; for rebalance-bias: with the new bias)."""
     row = served["rows"][name]
     diff = _max_abs_diff(row["vllm"]["prompt_logprobs"], row["oracle"][0])
-    assert diff <= BOUND, f"{name}: vLLM vs the masked original differ by {diff:.3g} nats"
+    bound = MERGED_ORACLE_BOUND if served["checkpoints"][name].get("merged") else BOUND
+    assert diff <= bound, f"{name}: vLLM vs the masked original differ by {diff:.3g} nats"
     assert row["vllm"]["greedy"] == row["oracle"][1], f"{name}: greedy tokens differ from the masked original"
     unpruned = served["rows"]["original"]["transformers"][0]
     assert _max_abs_diff(row["vllm"]["prompt_logprobs"], unpruned) > 1e-2, "pruning should change the model"
