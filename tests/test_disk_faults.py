@@ -244,3 +244,16 @@ def test_comparison_store_fails_cleanly_and_resume_finishes(kind, compare_inputs
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "(from the interrupted run)" in resumed.stderr
         assert (out / "results.csv").read_text() == compare_reference
+
+
+def test_a_read_only_working_directory_does_not_stop_a_run(ckpt, demos, tmp_path):
+    """runs/logs (other libraries' warnings) is under the working directory: where it cannot be
+    written the warnings go to the terminal, and the run (its output elsewhere) goes on."""
+    with small_filesystem("erofs", tmp_path) as fs:
+        fs.fault()
+        out = tmp_path / "scores"
+        proc = subprocess.run([str(c) for c in _score_cmd(ckpt, demos, out, "--max-demos", 1)], capture_output=True,
+                              text=True, cwd=fs.mount, env=_env(), timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "note: cannot write runs/logs/" in proc.stderr and "Read-only file system" in proc.stderr
+        assert (out / "scores.safetensors").is_file()
