@@ -6,7 +6,8 @@ evaluation store (issue 20, part 5; the file size limit is in test_output_faults
 Each run ends non-zero with one line naming the path and the OS error, no traceback; no output and
 no staging directory is left; the snapshots (or stored evaluations) written before the fault are
 intact, and once the room is back `--resume` finishes with results bitwise equal to an
-uninterrupted run. A read-only filesystem cannot have anything removed: there the run's lock (or
+uninterrupted run (the comparison's resume is run once, after ENOSPC: for every fault the store it
+reads is checked to be as it was before the fault). A read-only filesystem cannot have anything removed: there the run's lock (or
 the comparison's temporary exports) stays, and is taken over (removed) by the next run.
 """
 
@@ -184,9 +185,6 @@ def test_export_and_conversion_fail_cleanly(kind, tool, ckpt, scores, tmp_path):
         assert str(out) in line and STRERROR[kind] in line, failed.stderr[-3000:]
         _report(f"{tool} (whole command)", kind, seconds, line)
         assert {p.name for p in fs.mount.iterdir()} - {"filler"} == set()  # no output, staging or lock
-        fs.clear()
-        done = _run(cmd)  # the same command, with room, succeeds
-        assert done.returncode == 0, done.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +237,8 @@ def test_comparison_store_fails_cleanly_and_resume_finishes(kind, compare_inputs
         assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temporary file
         assert not (out / "results.csv").exists() and not (out / "summary.json").exists()
         assert not [p for p in out.iterdir() if p.name.startswith(".compare-")]  # temporary exports removed
+        if kind != "enospc":
+            return  # what --resume reads, the store, is as before the fault: resuming is shown once
         fs.clear()
         resumed = _run(cmd + ["--resume"])
         assert resumed.returncode == 0, resumed.stderr[-3000:]
