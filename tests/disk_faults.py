@@ -59,7 +59,7 @@ class SmallFilesystem:
                 _sh("mount", "-t", "tmpfs", "-o", f"size={_SIZE}", "tmpfs", str(self.mount))
         except subprocess.CalledProcessError as err:
             pytest.skip(f"cannot mount a test filesystem here ({' '.join(err.cmd[:3])}: "
-                        f"{err.stderr.strip()[:200]}): needs root with CAP_SYS_ADMIN")
+                        f"{(err.stderr.strip().splitlines() or [''])[0][:200]}): needs root with CAP_SYS_ADMIN")
 
     def unmount(self) -> None:
         if os.path.ismount(self.mount):
@@ -102,6 +102,12 @@ class SmallFilesystem:
     def _sync(self) -> None:
         if self.kind == "edquot":  # freed extents leave the quota group's count at the commit
             _sh("btrfs", "filesystem", "sync", str(self.mount))
+
+
+def require_mounting(root: Path) -> None:
+    """Skip now (before any costly fixture) where a tmpfs cannot be mounted."""
+    with small_filesystem("enospc", root):
+        pass
 
 
 @contextlib.contextmanager

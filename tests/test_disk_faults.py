@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from disk_faults import KINDS, STRERROR, Paused, small_filesystem
+from disk_faults import KINDS, STRERROR, Paused, require_mounting, small_filesystem
 from faults import run_then_fault
 from megatron_easyep.checkpoint.io import write_score_file
 from megatron_easyep.checkpoint.reader import DeepseekV3Config
@@ -65,6 +65,12 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def _report(what: str, kind: str, seconds: float, line: str) -> None:
     print(f"\n{what} [{kind}]: exit {seconds:.2f} s after the fault: {line}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mounting(tmp_path_factory) -> None:
+    """Every test here mounts: where that is not permitted, skip before the module's costly fixtures."""
+    require_mounting(tmp_path_factory.mktemp("probe"))
 
 
 @pytest.fixture(scope="module")
