@@ -146,6 +146,7 @@ def test_scoring_snapshot_and_final_write_fail_cleanly_and_resume(kind, ckpt, de
         failed, seconds = _fault_run(cmd + ["--resume", "--checkpoint-every", 4], "snapshot at step 8 in",
                                      Paused(fault))
         assert "resuming at step" in failed.stderr
+        assert ("taking over" in failed.stderr) == (kind == "erofs")  # the lock the read-only run had to leave
         line = _check_scoring_failure(kind, fs, failed, held, "scores.safetensors")
         _report("final score write", kind, seconds, line)
         fs.clear()
@@ -153,6 +154,7 @@ def test_scoring_snapshot_and_final_write_fail_cleanly_and_resume(kind, ckpt, de
         # 3. room again: --resume finishes, bitwise equal to the uninterrupted run
         resumed = _run(cmd + ["--resume"])
         assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert ("taking over" in resumed.stderr) == (kind == "erofs")
         got = load_file(fs.mount / "scores" / "scores.safetensors")
         assert set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in reference)
         assert {p.name for p in fs.mount.iterdir()} - {"filler"} == {"scores"}
