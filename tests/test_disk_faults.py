@@ -7,8 +7,8 @@ Each run ends non-zero with one line naming the path and the OS error, no traceb
 no staging directory is left; the snapshots (or stored evaluations) written before the fault are
 intact, and once the room is back `--resume` finishes with results bitwise equal to an
 uninterrupted run (the comparison's resume is run once, after ENOSPC: for every fault the store it
-reads is checked to be as it was before the fault). A read-only filesystem cannot have anything removed: there the run's lock (or
-the comparison's temporary exports) stays, and is taken over (removed) by the next run.
+reads is checked to be as it was before the fault). A read-only filesystem cannot have anything
+removed: there the run's lock stays, and is taken over by the next run.
 """
 
 from __future__ import annotations
