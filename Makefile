@@ -27,9 +27,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
 
-# shellcheck lints the SLURM templates (tests/test_slurm.py skips that check without it)
+# shellcheck lints the SLURM templates (tests/test_slurm.py skips that check without it); btrfs-progs
+# gives tests/test_disk_faults.py a real quota (EDQUOT: this kernel has no ext4/XFS/tmpfs quotas)
 tools:
 	@command -v shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; } || echo "note: shellcheck not installed"
+	@command -v mkfs.btrfs >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq btrfs-progs >/dev/null; } || echo "note: btrfs-progs not installed"
 
 test: $(STAMP) $(SERVE_STAMP) tools
 	$(VENV)/bin/python -m pytest -q tests

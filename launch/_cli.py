@@ -62,7 +62,13 @@ class _WarningsLog:
     becomes the run's error."""
 
     def __init__(self, path: Path):
-        self.path, self.file = path, open(path, "a", buffering=1, encoding="utf-8")
+        self.path, self.file = path, None
+        try:  # a read-only or full working directory (runs/logs is under it) must not stop the run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", buffering=1, encoding="utf-8")
+        except OSError as err:
+            sys.stderr.write(f"note: cannot write {path} ({err.strerror}); other libraries' warnings go to "
+                             "the terminal\n")
 
     def write(self, text: str) -> None:
         if self.file is not None:
@@ -96,9 +102,9 @@ def route_third_party_output(script: str) -> Path:
     import warnings
 
     path = third_party_log_path(script)
-    path.parent.mkdir(parents=True, exist_ok=True)
     log_file = _WarningsLog(path)
-    log_file.write(f"# {script} rank {os.environ.get('RANK', '0')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    if log_file.file is not None:
+        log_file.write(f"# {script} rank {os.environ.get('RANK', '0')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
     show_on_terminal = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
@@ -125,7 +131,7 @@ def route_third_party_output(script: str) -> Path:
     for handler in list(torch_logger.handlers):
         handler.addFilter(_TerminalFilter())
     torch_logger.addHandler(to_file)
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0" and log_file.file is not None:
         pattern = path.with_name(path.name.replace("-rank0.log", "-rank*.log"))
         print(f"other libraries' warnings: {pattern}", file=sys.stderr, flush=True)
     return path

@@ -4,10 +4,10 @@
   (host, pid, start time); the first run finishes untouched. A lock whose holder died is
   recognised: scoring takes it over with --resume (and then gives scores bitwise equal to an
   uninterrupted run), export and the BF16 converter take it over by themselves.
-- A write that fails (the file size limit, RLIMIT_FSIZE, stands in for a full disk or a quota: it
-  needs no privileges) ends the BF16 conversion, the export and the scoring snapshot with a
-  non-zero exit and a message naming the path and the OS error; no output and no staging
-  directory is left, and a failed snapshot keeps the previous one.
+- A write that fails (here the file size limit, RLIMIT_FSIZE, which needs no privileges; a real full
+  disk, quota and read-only filesystem are in test_disk_faults.py) ends the BF16 conversion, the
+  export and the scoring snapshot with a non-zero exit and a message naming the path and the OS
+  error; no output and no staging directory is left, and a failed snapshot keeps the previous one.
 """
 
 from __future__ import annotations

@@ -365,7 +365,9 @@ def _pruned_models(run: CompareRun, output: Path, config, scored, heldout, refs,
     selections, rows, evaluated, resumed = {}, [], {}, 0
     t0 = time.perf_counter()
     progress = Progress("compare", len(requests), unit="models")
-    with tempfile.TemporaryDirectory(prefix=".compare-exports-", dir=output) as tmp:
+    # a cleanup that fails (read-only filesystem) must not hide the write error; run_compare removes
+    # a leftover .compare-* at its next start
+    with tempfile.TemporaryDirectory(prefix=".compare-exports-", dir=output, ignore_cleanup_errors=True) as tmp:
         for i, req in enumerate(requests, 1):
             sel = make_selection(req, scores, config, features, ranges)
             merge = None if req.merge is None else merge_plan(req, sel, (scores, features, ranges), run.hf_checkpoint)
@@ -582,7 +584,7 @@ def overlap_vs_demos(run, scores, config, keep, policy, output) -> list[dict]:
     full = {(m, d): domain_selection(scores, config, m, d, keep, policy)
             for m in OVERLAP_METRICS for d in scores.domains}
     rows = []
-    with tempfile.TemporaryDirectory(prefix=".compare-subsets-", dir=output) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".compare-subsets-", dir=output, ignore_cleanup_errors=True) as tmp:
         for n in ns:
             if n >= max(counts.values()):
                 sub = scores

@@ -273,7 +273,8 @@ def staged_file(path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only filesystem even this unlink fails: keep `err`
+            tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
             raise naming_the_output(err, path) from err
         raise
@@ -496,7 +497,9 @@ def output_lock(out, *, take_over_stale: bool = False, stale_hint: str = "") -> 
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        except OSError as err:
+            if not isinstance(err, FileExistsError):
+                raise _lock_write_error(err, out, path) from err
             holder = _read_holder(path)
             if not holder:
                 raise OutputLocked(f"output {out} is locked by {path}, which names no holder (a run that died "
@@ -526,9 +529,9 @@ def output_lock(out, *, take_over_stale: bool = False, stale_hint: str = "") -> 
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me) + "\n")
-        except BaseException:
+        except BaseException as err:
             path.unlink(missing_ok=True)
-            raise
+            raise _lock_write_error(err, out, path) from err
         break
     else:
         raise OutputLocked(f"output {out}: could not take the lock {path}")
@@ -536,7 +539,19 @@ def output_lock(out, *, take_over_stale: bool = False, stale_hint: str = "") -> 
         yield path
     finally:
         if _read_holder(path) == me:  # never remove a lock that is no longer ours
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:  # a filesystem turned read-only: keep the run's own error, say why the lock stays
+                print(f"note: cannot remove the lock {path} ({err.strerror}); once this run has ended it is "
+                      "stale and is taken over (scoring: with --resume)", file=sys.stderr, flush=True)
+
+
+def _lock_write_error(err: BaseException, out: Path, path: Path) -> BaseException:
+    """A lock that cannot be written (full disk, quota, read-only directory) as the output's write
+    error, naming the output, the lock and the OS error (a failing write() names no file)."""
+    if not isinstance(err, OSError) or err.errno not in WRITE_ERRNOS:
+        return err
+    return OutputWriteError(err.errno, f"writing {out} failed: {err.strerror or err} (its lock {path})")
 
 
 # --------------------------------------------------------------------------------------------
