@@ -244,7 +244,7 @@ def render(runs, agg: list[dict], wins: list[dict]) -> str:
              "ppl_change": "perplexity change vs the full model (lower is better)",
              "top1": "top-1 agreement with the full model, % (higher is better)"}
     settings = ["in", *(f"in:{d}" for d in eval_domains if d in domains), "out", "mixed"]
-    for metric in ("kl", "ppl_change"):
+    for metric in ("kl", "ppl_change", "top1"):
         out += [f"## {label[metric]}", "",
                 "in: selected and measured on the same domain (mean over domains, then per domain); "
                 "out: measured on the other domains; mixed: selected on all domains together.", "",
