@@ -241,7 +241,7 @@ def test_merged_weights_equal_the_hand_computed_merge(sources, tmp_path, kind, l
     original, merged = oracle_experts(source["src"]), oracle_experts(dst)
     src_stored, out_stored = read_checkpoint_tensors(source["src"]), read_checkpoint_tensors(dst)
     record = json.loads((dst / "pruning.json").read_text())["merge"]
-    assert record["rule"] == label and record["router"].startswith("unchanged")
+    assert record["rule"] == label and record["router_rule"] == "keep" and record["router"].startswith("keep:")
     untouched = 0
     for layer in (*source["layers"], MTP_LAYER):
         for new, k in enumerate(selection.kept[layer]):
