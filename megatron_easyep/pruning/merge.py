@@ -55,7 +55,8 @@ What is written
   Same names, shapes and dtypes, so the merged bytes overwrite the kept expert's byte ranges in the
   staged output in place.
 - Memory: one cluster at a time; the kept expert, the running sum and one assignee in fp32 (read
-  with pread from the SOURCE shards, no memory map), plus the exporter's own budget.
+  with pread from the SOURCE shards, no memory map), plus the exporter's own budget; `average`
+  adds one layer's source router weight ([E, H], 3.5 MiB for DeepSeek-V3).
 - Layers without a score row (the MTP fallback selection) are pruned, not merged (recorded).
 """
 
