@@ -17,9 +17,10 @@ demonstrations with DeepSeek's aux-loss-free rule, layer by layer in Megatron-Co
 (megatron_easyep.analysis.rebalance), before the output is published.
 
 --merge RULE folds every dropped expert into a kept one instead of dropping it (HC-SMoE / M-SMoE;
-megatron_easyep.pruning.merge, docs/merging.md): RULE = ASSIGN-WEIGHTS[-aligned], ASSIGN `output`
-(C-Prune features, default SCORE_DIR/cprune_features.safetensors) or `router`, WEIGHTS `frequency`
-or `score` (the --metric's scores). With --rebalance-bias, the bias is fitted on the merged model.
+megatron_easyep.pruning.merge, docs/merging.md): RULE = ASSIGN-WEIGHTS[-aligned][-router-average],
+ASSIGN `output` (C-Prune features, default SCORE_DIR/cprune_features.safetensors) or `router`, WEIGHTS
+`frequency` or `score` (the --metric's scores); -router-average also averages the merged kept experts'
+router rows (default: kept as they are). With --rebalance-bias, the bias is fitted on the merged model.
 
 The library does the work (megatron_easyep.pruning.selection, .export, .preflight); this file only
 parses arguments. Any problem with the request is reported on stderr with exit code 2, before
@@ -89,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge = parser.add_argument_group("merging instead of dropping (off by default)")
     merge.add_argument("--merge", type=_merge_rule, default=None, metavar="RULE",
                        help=f"fold each dropped expert into the most similar kept one (same routing group under "
-                            f"equal-per-group): ASSIGN-WEIGHTS[-aligned] with ASSIGN in {list(ASSIGNMENTS)} "
-                            f"(C-Prune output features / router rows), WEIGHTS in {list(WEIGHTINGS)} (routed "
-                            f"frequency / the --metric's score); -aligned permutes neurons first (M-SMoE)")
+                            f"equal-per-group): ASSIGN-WEIGHTS[-aligned][-router-average] with ASSIGN in "
+                            f"{list(ASSIGNMENTS)} (C-Prune output features / router rows), WEIGHTS in "
+                            f"{list(WEIGHTINGS)} (routed frequency / the --metric's score); -aligned permutes "
+                            f"neurons first (M-SMoE); -router-average gives each merged kept expert its "
+                            f"cluster's weighted average router row (default: the router rows stay)")
     merge.add_argument("--cprune-features", default=None, metavar="FILE",
                        help=f"C-Prune features for --merge output-* (default: SCORE_DIR/{FEATURES_FILE})")
     rebalance = parser.add_argument_group("router bias rebalancing (off by default)")

@@ -6,8 +6,11 @@
   and dequantised by tests/hf_oracle.py's block loop, with this file's own neuron alignment.
 - FP8 re-quantisation is compared byte for byte with DeepSeek's rule written here as a block loop
   (scale = amax / 448, e4m3), on shapes that leave partial edge blocks and with an all-zero block.
-- Logits: stock transformers on the export against the ORIGINAL model whose kept experts were
-  overwritten in memory with this file's merge and whose routing only reaches the kept experts.
+- Router rows (`-router-average`): the cluster's weighted average of the source rows, in float64
+  here, within one bf16 ulp; unmerged rows and every bias byte-identical.
+- Logits: stock transformers on the export against the ORIGINAL model whose kept experts (and,
+  with `-router-average`, router rows) were overwritten in memory with this file's merge and whose
+  routing only reaches the kept experts.
 """
 
 from __future__ import annotations
@@ -186,6 +189,12 @@ def oracle_merge(weights, layer, members, align: bool) -> dict[str, np.ndarray]:
     return total
 
 
+def oracle_router_rows(stored, layer, members) -> np.ndarray:
+    """Σ_i w_i r_i of the members' source router rows, in float64 with the fp32 weights."""
+    rows = stored[f"model.layers.{layer}.mlp.gate.weight"].double().numpy()
+    return sum(float(np.float32(w)) * rows[i] for i, w in members)
+
+
 def deepseek_requant(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek's rule as a block loop: per block scale = amax / 448, q = (block / scale) in e4m3,
     stored weight_scale_inv = scale; partial edge blocks cover what exists."""
@@ -241,7 +250,7 @@ def test_merged_weights_equal_the_hand_computed_merge(sources, tmp_path, kind, l
     original, merged = oracle_experts(source["src"]), oracle_experts(dst)
     src_stored, out_stored = read_checkpoint_tensors(source["src"]), read_checkpoint_tensors(dst)
     record = json.loads((dst / "pruning.json").read_text())["merge"]
-    assert record["rule"] == label and record["router"].startswith("unchanged")
+    assert record["rule"] == label and record["router_rule"] == "keep" and record["router"].startswith("keep:")
     untouched = 0
     for layer in (*source["layers"], MTP_LAYER):
         for new, k in enumerate(selection.kept[layer]):
@@ -269,6 +278,75 @@ def test_merged_weights_equal_the_hand_computed_merge(sources, tmp_path, kind, l
         router = f"model.layers.{layer}.mlp.gate.weight"
         assert raw_bytes(out_stored[router]) == raw_bytes(src_stored[router][list(selection.kept[layer])])
     assert untouched > 0, "the fixture should leave some kept experts without assignees"
+
+
+# --------------------------------------------------------------------------------------------
+# router rows: keep (default) or average
+# --------------------------------------------------------------------------------------------
+
+
+def test_merge_rule_labels_round_trip():
+    rules = [MergeRule(a, w, al, r) for a in ("output", "router") for w in ("frequency", "score")
+             for al in (False, True) for r in ("keep", "average")]
+    assert len({rule.label for rule in rules}) == 16
+    for rule in rules:
+        assert MergeRule.parse(rule.label) == rule, rule.label
+    # the default labels are unchanged; the router rule is a suffix
+    assert MergeRule("output", "frequency").label == "output-frequency"
+    assert MergeRule("router", "score", True).label == "router-score-aligned"
+    assert MergeRule.parse("output-frequency-router-average") == MergeRule("output", "frequency", False, "average")
+    assert MergeRule.parse("router-score-aligned-router-average") == MergeRule("router", "score", True, "average")
+    for bad in ("output-frequency-router-median", "router-average", "output-frequency-router-average-aligned"):
+        with pytest.raises(MergeError, match="unknown merge rule"):
+            MergeRule.parse(bad)
+    with pytest.raises(MergeError, match="unknown merge router rule 'mean'"):
+        MergeRule("output", "frequency", router="mean")
+
+
+@pytest.mark.parametrize("kind,label,policy", [("bf16", "router-score-router-average", "equal-per-group"),
+                                               ("fp8", "output-frequency-aligned-router-average", "collapse")])
+def test_router_average_rows_are_the_hand_computed_average(sources, tmp_path, kind, label, policy):
+    source = sources[kind]
+    rule = MergeRule.parse(label)
+    selection = selection_for(source, policy)
+    scores = load_scores(source["scores"])
+    plan = plan_merge(source["src"], selection, scores, rule, features=source["features"])
+    kept_plan = plan_merge(source["src"], selection, scores, MergeRule(rule.assign, rule.weights, rule.align),
+                           features=source["features"])
+    averaged = export_pruned(source["src"], tmp_path / "average", selection, merge=plan).path
+    kept = export_pruned(source["src"], tmp_path / "keep", selection, merge=kept_plan).path
+    src_stored, out, out_keep = (read_checkpoint_tensors(p) for p in (source["src"], averaged, kept))
+    record = json.loads((averaged / "pruning.json").read_text())["merge"]
+    assert record["rule"] == label and record["router_rule"] == "average" and record["router"].startswith("average:")
+
+    expected_plan = oracle_plan(source, selection, rule)
+    averaged_rows = unmerged_rows = 0
+    for layer in (*source["layers"], MTP_LAYER):  # the MTP layer (no score row) is pruned: rows unchanged
+        router, bias = f"model.layers.{layer}.mlp.gate.weight", f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+        kept_ids = list(selection.kept[layer])
+        assert raw_bytes(out[bias]) == raw_bytes(src_stored[bias][kept_ids]), "the bias stays the source's"
+        for new, k in enumerate(kept_ids):
+            members = expected_plan.get(layer, {}).get(k) if layer != MTP_LAYER else None
+            got = out[router][new]
+            if members is None:
+                unmerged_rows += 1
+                assert raw_bytes(got) == raw_bytes(src_stored[router][k]), f"layer {layer} row of {k}"
+                continue
+            averaged_rows += 1
+            want = oracle_router_rows(src_stored, layer, members)
+            # one bf16 ulp (the fp32 sum may round a tie either way), plus the fp32 sum's own rounding
+            bound = np.abs(want) * 2.0 ** -7 + 1e-7
+            assert (np.abs(got.double().numpy() - want) <= bound).all(), f"layer {layer} row of {k}"
+            assert raw_bytes(got) != raw_bytes(src_stored[router][k]), "averaging should move the row"
+            source_row = src_stored[router][k].double().numpy()
+            assert abs(record["router_row_change"][str(layer)][str(k)]
+                       - np.linalg.norm(want - source_row) / np.linalg.norm(source_row)) < 1e-2
+        # the experts are merged exactly as under router 'keep'
+        for name in [n for n in out if f"layers.{layer}.mlp.experts." in n]:
+            assert raw_bytes(out[name]) == raw_bytes(out_keep[name]), name
+        assert raw_bytes(out_keep[router]) == raw_bytes(src_stored[router][kept_ids])
+    assert averaged_rows > 0 and unmerged_rows > 0, "the fixture should have both kinds of kept rows"
+    assert set(out) == set(out_keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +453,8 @@ def test_requantised_fp8_blocks_match_deepseeks_rule_bit_for_bit(sources, tmp_pa
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind,label", [("bf16", "output-frequency-aligned"), ("fp8", "router-score")])
+@pytest.mark.parametrize("kind,label", [("bf16", "output-frequency-aligned"), ("fp8", "router-score"),
+                                        ("fp8", "router-score-router-average")])
 def test_logits_equal_the_in_memory_merged_original(sources, tmp_path, kind, label):
     source = sources[kind]
     selection = selection_for(source)
@@ -389,6 +468,7 @@ def test_logits_equal_the_in_memory_merged_original(sources, tmp_path, kind, lab
 
     model = load_transformers_model(source["src"])
     weights = oracle_experts(source["src"])
+    stored = read_checkpoint_tensors(source["src"])
     with torch.no_grad():
         for layer in source["layers"]:
             mlp = model.model.layers[layer].mlp
@@ -402,6 +482,13 @@ def test_logits_equal_the_in_memory_merged_original(sources, tmp_path, kind, lab
                           oracle_merge(weights, layer, members, rule.align).items()}
                 experts.gate_up_proj[k] = torch.cat([merged["gate_proj"], merged["up_proj"]])
                 experts.down_proj[k] = merged["down_proj"]
+        experts_only = model(INPUT_IDS).logits
+        if rule.router == "average":  # each merged kept expert's row: the cluster's average, as stored
+            for layer, by_kept in clusters.items():
+                gate = model.model.layers[layer].mlp.gate
+                for k, members in by_kept.items():
+                    row = oracle_router_rows(stored, layer, members)
+                    gate.weight[k] = torch.from_numpy(row).to(stored[f"model.layers.{layer}.mlp.gate.weight"].dtype)
         expected = model(INPUT_IDS).logits
         actual = load_transformers_model(dst)(INPUT_IDS).logits
     # bf16: an equal-weight cluster's average of bf16 weights often lands exactly on a bf16 rounding
@@ -410,6 +497,8 @@ def test_logits_equal_the_in_memory_merged_original(sources, tmp_path, kind, lab
     tolerance = 1e-3 if kind == "bf16" else 1e-4
     assert (actual - expected).abs().max().item() <= tolerance
     assert (actual - pruned_only).abs().max().item() > 0.1, "merging should change the pruned model"
+    if rule.router == "average":
+        assert (expected - experts_only).abs().max().item() > 0.1, "averaged router rows should change the logits"
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,9 +31,21 @@ With ``align``, each assignee's intermediate neurons are first permuted to match
 over the concatenated gate/up rows (equivalently minimises the squared distance); gate rows, up rows
 and down COLUMNS take the same permutation, so the assignee's function is unchanged.
 
+Router rows (`MergeRule.router`)
+--------------------------------
+- ``keep`` (the default): the kept experts' `mlp.gate.weight` rows stay as in a plain export.
+- ``average`` (label suffix ``-router-average``): each kept expert WITH assignees gets the cluster's
+  weighted average of its members' router rows, with the merge's weights,
+      r_merged = Σ_i w_i · r_i
+  computed in fp32 from the SOURCE rows and written in the row's stored dtype into the staged
+  router tensor (which holds only the kept rows, renumbered 0..M-1). Rows of kept experts without
+  assignees keep their bytes.
+- `e_score_correction_bias` stays the kept experts' source values under both (a bias is a load
+  correction learned for the expert it belongs to; --rebalance-bias refits it on the merged model).
+
 What is written
 ---------------
-- The kept experts' router rows and `e_score_correction_bias` stay as in a plain export.
+- The kept experts' `e_score_correction_bias` as in a plain export; router rows per `router`.
 - Kept experts without assignees keep their bytes (the exporter's byte copy).
 - FP8 (F8_E4M3 + `weight_scale_inv`): members are dequantised with the config's
   `quantization_config.weight_block_size`, merged in fp32 and re-quantised per block with
@@ -43,7 +55,8 @@ What is written
   Same names, shapes and dtypes, so the merged bytes overwrite the kept expert's byte ranges in the
   staged output in place.
 - Memory: one cluster at a time; the kept expert, the running sum and one assignee in fp32 (read
-  with pread from the SOURCE shards, no memory map), plus the exporter's own budget.
+  with pread from the SOURCE shards, no memory map), plus the exporter's own budget; `average`
+  adds one layer's source router weight ([E, H], 3.5 MiB for DeepSeek-V3).
 - Layers without a score row (the MTP fallback selection) are pruned, not merged (recorded).
 """
 
@@ -84,12 +97,20 @@ from megatron_easyep.pruning.selection import (
 
 ASSIGNMENTS = ("output", "router")
 WEIGHTINGS = ("frequency", "score")
+ROUTER_RULES = ("keep", "average")  # what happens to a merged kept expert's router row
 ALIGNED = "aligned"
+ROUTER_SUFFIX = "-router-"  # label suffix of a router rule other than the default "keep"
 MERGE_KEY = "merge"  # in pruning.json
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _MERGEABLE_DTYPES = ("F8_E4M3", "BF16", "F16", "F32")
-ROUTER_RECORD = ("unchanged: the kept experts' mlp.gate.weight rows and e_score_correction_bias are "
-                 "the source's, sliced as in a plain export")
+_ROUTER_DTYPES = ("BF16", "F16", "F32", "F64")
+ROUTER_RECORDS = {
+    "keep": ("keep: the kept experts' mlp.gate.weight rows and e_score_correction_bias are the source's, "
+             "sliced as in a plain export"),
+    "average": ("average: each merged kept expert's mlp.gate.weight row is the weighted average of its "
+                "cluster's source rows (the merge's weights, fp32, stored in the row's dtype); rows of kept "
+                "experts without assignees and every e_score_correction_bias are the source's"),
+}
 ZERO_WEIGHT_RULE = "equal weights (every member of the cluster had weight 0)"
 
 
@@ -107,6 +128,7 @@ class MergeRule:
     assign: str = "output"
     weights: str = "frequency"
     align: bool = False
+    router: str = "keep"
 
     def __post_init__(self):
         if self.assign not in ASSIGNMENTS:
@@ -115,21 +137,30 @@ class MergeRule:
             raise MergeError(f"unknown merge weighting {self.weights!r}; choose one of {list(WEIGHTINGS)}")
         if not isinstance(self.align, bool):
             raise MergeError(f"align must be True or False, got {self.align!r}")
+        if self.router not in ROUTER_RULES:
+            raise MergeError(f"unknown merge router rule {self.router!r}; choose one of {list(ROUTER_RULES)}")
 
     @property
     def label(self) -> str:
-        return f"{self.assign}-{self.weights}" + (f"-{ALIGNED}" if self.align else "")
+        return (f"{self.assign}-{self.weights}" + (f"-{ALIGNED}" if self.align else "")
+                + (f"{ROUTER_SUFFIX}{self.router}" if self.router != "keep" else ""))
 
     @classmethod
     def parse(cls, text: str) -> "MergeRule":
-        """ASSIGN-WEIGHTS[-aligned], e.g. "output-frequency", "router-score-aligned"."""
-        parts = str(text).strip().lower().split("-")
+        """ASSIGN-WEIGHTS[-aligned][-router-average], e.g. "output-frequency", "router-score-aligned",
+        "output-frequency-router-average"."""
+        body, router = str(text).strip().lower(), "keep"
+        for choice in ROUTER_RULES[1:]:
+            if body.endswith(ROUTER_SUFFIX + choice):
+                body, router = body[:-len(ROUTER_SUFFIX + choice)], choice
+        parts = body.split("-")
         align = len(parts) == 3 and parts[2] == ALIGNED
         if len(parts) not in (2, 3) or (len(parts) == 3 and not align) \
                 or parts[0] not in ASSIGNMENTS or parts[1] not in WEIGHTINGS:
             choices = [MergeRule(a, w, al).label for a in ASSIGNMENTS for w in WEIGHTINGS for al in (False, True)]
-            raise MergeError(f"unknown merge rule {text!r}; choose one of {choices}")
-        return cls(parts[0], parts[1], align)
+            raise MergeError(f"unknown merge rule {text!r}; choose one of {choices}, each optionally followed "
+                             f"by {ROUTER_SUFFIX}average")
+        return cls(parts[0], parts[1], align, router)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +179,19 @@ def merge_experts(members: Iterable[tuple[float, dict[str, torch.Tensor]]]) -> d
             else:
                 merged[name] = w.to(torch.float32) * weight
     return merged
+
+
+def average_router_rows(rows: torch.Tensor, members: Iterable[tuple[int, float]]) -> torch.Tensor:
+    """r_merged = Σ_i w_i r_i over the cluster's rows of the router weight [E, H], in fp32."""
+    merged = None
+    for member, weight in members:
+        row = rows[member].to(torch.float32)
+        merged = row * weight if merged is None else merged.add_(row, alpha=weight)
+    return merged
+
+
+def router_weight_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.gate.weight"
 
 
 def neuron_permutation(reference: dict[str, torch.Tensor], expert: dict[str, torch.Tensor]) -> np.ndarray:
@@ -193,7 +237,8 @@ class MergePlan:
             "weights": self.rule.weights,
             "align": self.rule.align,
             "weight_source": self.weight_source,
-            "router": ROUTER_RECORD,
+            "router_rule": self.rule.router,
+            "router": ROUTER_RECORDS[self.rule.router],
             "zero_weight_clusters": ZERO_WEIGHT_RULE,
             "skipped_layers": {str(k): v for k, v in sorted(self.skipped_layers.items())},
             "equal_weight_clusters": {str(k): list(v) for k, v in sorted(self.equal_weight_clusters.items()) if v},
@@ -445,6 +490,20 @@ def _check_expert_tensors(checkpoint: HFCheckpoint, source: _SourceTensors, appl
                                      f"as {reference}; a merge needs the same dtypes and shapes")
 
 
+def _check_router_tensors(checkpoint: HFCheckpoint, source: _SourceTensors, applied: dict) -> None:
+    """router='average' rewrites rows of each merged layer's router weight: it must be a float [E, H]."""
+    config = checkpoint.config
+    for layer in applied:
+        name = router_weight_name(layer)
+        if name not in checkpoint.weight_map:
+            raise MergeError(f"tensor {name} is missing from {checkpoint.path}; the router rule 'average' needs it")
+        stored = source.stored(name)
+        if stored.dtype not in _ROUTER_DTYPES or tuple(stored.shape) != (config.n_routed_experts, config.hidden_size):
+            raise MergeError(f"tensor {name} is {stored.dtype} {list(stored.shape)}; the router rule 'average' "
+                             f"needs a {'/'.join(_ROUTER_DTYPES)} [n_routed_experts = {config.n_routed_experts}, "
+                             f"hidden_size = {config.hidden_size}] weight")
+
+
 def _check_scale(checkpoint, source, name, stored) -> None:
     block = checkpoint.config.weight_block_size
     if block is None:
@@ -484,6 +543,8 @@ class MergeWriter:
         applied = _check_plan_against_export(plan, checkpoint.config, layer_kept, layer_disabled, set(dropped_layers))
         source = _SourceTensors(checkpoint)
         _check_expert_tensors(checkpoint, source, applied)
+        if plan.rule.router == "average":
+            _check_router_tensors(checkpoint, source, applied)
         dropped = tuple(sorted(layer for layer in plan.clusters if layer in set(dropped_layers)))
         return cls(plan, applied, layer_kept, source, dropped)
 
@@ -497,9 +558,21 @@ class MergeWriter:
                 expert = permute_neurons(expert, neuron_permutation(reference, expert))
             yield weight, expert
 
+    def _average_router_rows(self, staged: "_StagedTensors", layer: int, by_kept, renumber) -> dict[str, float]:
+        """router='average': rewrite the merged kept experts' rows of the staged router weight;
+        kept id -> ||r_merged - r_kept|| / ||r_kept|| (how far each row moved)."""
+        rows = self.source.raw(router_weight_name(layer))
+        moved = {}
+        for kept_id, members in sorted(by_kept.items()):
+            merged = average_router_rows(rows, members)
+            staged.write_row(router_weight_name(layer), renumber[kept_id], merged)
+            moved[str(kept_id)] = _relative_error(merged, rows[kept_id].to(torch.float32))
+        return moved
+
     def apply(self, staging: Path, weight_map: dict[str, str], log=None) -> dict[str, Any]:
         staged = _StagedTensors(Path(staging), weight_map)
         errors: dict[str, dict[str, dict[str, float]]] = {}
+        router_moved: dict[str, dict[str, float]] = {}
         for layer, by_kept in sorted(self.applied.items()):
             renumber = {old: new for new, old in enumerate(self.layer_kept[layer])}
             errors[str(layer)] = {}
@@ -509,6 +582,8 @@ class MergeWriter:
                     proj: staged.write(expert_weight_name(layer, renumber[kept_id], proj), merged[proj],
                                        self.source.block)
                     for proj in PROJECTIONS}
+            if self.plan.rule.router == "average":
+                router_moved[str(layer)] = self._average_router_rows(staged, layer, by_kept, renumber)
             if log:
                 log(f"merge: layer {layer}: {len(by_kept)} kept experts absorbed "
                     f"{sum(len(m) - 1 for m in by_kept.values())} dropped ones ({self.plan.rule.label})")
@@ -523,6 +598,9 @@ class MergeWriter:
         record["requantization_error"] = errors
         record["max_requantization_error"] = max(
             (e for by_kept in errors.values() for projs in by_kept.values() for e in projs.values()), default=0.0)
+        if self.plan.rule.router == "average":
+            # layer -> kept original id -> ||averaged row - kept expert's source row|| / ||source row||
+            record["router_row_change"] = router_moved
         return record
 
 
@@ -539,18 +617,32 @@ class _StagedTensors:
             self._headers[shard] = read_safetensors_header(self.staging / shard)[0]
         return self.staging / shard, self._headers[shard][name]
 
+    @staticmethod
+    def _pwrite(path: Path, name: str, value: torch.Tensor, offset: int) -> None:
+        data = value.contiguous().view(torch.uint8).numpy().tobytes()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            if os.pwrite(fd, data, offset) != len(data):
+                raise OSError(f"short write of tensor {name} into {path}")
+        finally:
+            os.close(fd)
+
     def _overwrite(self, name: str, value: torch.Tensor, dtype: str) -> None:
         path, stored = self._locate(name)
         if stored.dtype != dtype or tuple(stored.shape) != tuple(value.shape):
             raise MergeError(f"staged tensor {name} is {stored.dtype} {list(stored.shape)}, the merged one "
                              f"{dtype} {list(value.shape)}")
-        data = value.contiguous().view(torch.uint8).numpy().tobytes()
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            if os.pwrite(fd, data, stored.begin) != len(data):
-                raise OSError(f"short write of tensor {name} into {path}")
-        finally:
-            os.close(fd)
+        self._pwrite(path, name, value, stored.begin)
+
+    def write_row(self, name: str, row: int, merged: torch.Tensor) -> None:
+        """Store `merged` (fp32 [H]) as row `row` of the staged 2-D tensor `name`, in its dtype."""
+        path, stored = self._locate(name)
+        if stored.dtype not in _ROUTER_DTYPES or len(stored.shape) != 2 or stored.shape[1] != merged.numel() \
+                or not 0 <= row < stored.shape[0]:
+            raise MergeError(f"staged tensor {name} is {stored.dtype} {list(stored.shape)}; cannot write row {row} "
+                             f"of {merged.numel()} values")
+        value = merged.to(SAFETENSORS_DTYPES[stored.dtype])
+        self._pwrite(path, name, value, stored.begin + row * value.numel() * value.element_size())
 
     def write(self, name: str, merged: torch.Tensor, block) -> float:
         """Store `merged` (fp32) as tensor `name` in its stored format; the relative error."""
