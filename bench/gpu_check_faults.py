@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import gpu_check_lib as lib  # noqa: E402
 from gpu_check_nccl import ROUTES, _tiny_fp8_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(lib.REPO / "tests"))
-from faults import run_then_fault, snapshot_for_every_rank, worker_pid  # noqa: E402
+from faults import run_then_fault, snapshot_for_every_rank, snapshot_steps, worker_pid  # noqa: E402
 
 DIST_TIMEOUT_S = 20  # --dist-timeout of these runs: the survivor must be gone well before it
 KILL_AT_STEP = 2  # SIGKILL once every rank has a snapshot of this step (or a later one)
@@ -60,6 +61,8 @@ def _fault(cmd: list, out: Path, env: dict, timeout: float, work: Path) -> dict:
                                  fault=_kill_rank1, env=env, cwd=lib.REPO, timeout=timeout)
     except (AssertionError, TimeoutError, RuntimeError) as exc:  # ended early / never got there
         return {"error": str(exc)}
+    except subprocess.TimeoutExpired:  # killed (the whole tree) when the phase's time ran out
+        return {"error": f"torchrun still running at the phase's deadline ({timeout:.0f} s after its start)"}
     (work / "faulted.log").write_text(f"$ {' '.join(map(str, cmd))}\n--- stdout\n{faulted.stdout}\n"
                                       f"--- stderr\n{faulted.stderr}\n")
     root_cause = faulted.stderr.split("Root Cause", 1)[-1] if "Root Cause" in faulted.stderr else ""
@@ -67,6 +70,10 @@ def _fault(cmd: list, out: Path, env: dict, timeout: float, work: Path) -> dict:
             "summary_names_rank1": bool(re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause)),
             "summary_names_sigkill": "SIGKILL" in root_cause,
             "survivor_reported_collective_failure": "a collective with the other ranks failed" in faulted.stderr,
+            # how each rank ended, from torchrun's summary: on NCCL -6 = the watchdog's abort after the
+            # dist timeout, -15 / -9 = torchrun's SIGTERM / SIGKILL, 1 = the collective's error
+            "summary_exitcodes": {r: int(c) for r, c in re.findall(
+                r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", faulted.stderr)},
             "stderr_tail": faulted.stderr[-3000:]}
 
 
@@ -74,10 +81,7 @@ def _snapshots_load(out: Path) -> dict:
     """The latest step every rank has a snapshot of, and whether each rank's file there loads."""
     import torch
 
-    steps: dict[int, set[int]] = {}
-    for p in _inprogress(out).glob("state_rank*_step*.pt"):
-        rank, step = map(int, re.match(r"state_rank(\d+)_step(\d+)\.pt", p.name).groups())
-        steps.setdefault(rank, set()).add(step)
+    steps = snapshot_steps(_inprogress(out))
     common = set.intersection(*steps.values()) if len(steps) == 2 else set()
     if not common:
         return {"step": None, "loads": False, "detail": f"snapshots per rank: {steps}"}
@@ -125,7 +129,7 @@ def phase_nccl_dead_rank(ctx: dict) -> dict:
     lib.save_partial(ctx, result)
     cmd = _score_cmd(ckpt, demos, out)
     result["fault"] = fault = _fault(cmd, out, env, deadline - time.monotonic(), work)
-    if not lib.check(checks, "rank 1 killed mid-run", "error" not in fault, fault.get("error", "")):
+    if not lib.check(checks, "rank 1 killed mid-run, torchrun exited", "error" not in fault, fault.get("error", "")):
         return result
     lib.check(checks, "torchrun exits non-zero", fault["rc"] != 0, f"exit {fault['rc']}")
     lib.check(checks, "exit sooner than the dist timeout", fault["seconds_kill_to_exit"] < DIST_TIMEOUT_S,
