@@ -116,7 +116,7 @@ def phase_nccl_dead_rank(ctx: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     ckpt = _tiny_fp8_checkpoint(Path(ctx["workdir"]) / "layouts")  # nccl_layouts' one, made if missing
     # enough steps that the run is still going when the kill lands (a GPU steps far faster)
-    demos = lib.write_demo_files(work, per_domain=12 if ctx["dry"] else 100, lengths=[24, 40, 32], vocab=512)
+    demos = lib.write_demo_files(work, per_domain=12 if ctx["dry"] else 40, lengths=[24, 40, 32], vocab=512)
     deadline = time.monotonic() + ctx["timeout_s"] - 5
     result = {"dist_timeout_s": DIST_TIMEOUT_S, "kill_at_step": KILL_AT_STEP, "checks": []}
     checks = result["checks"]
