@@ -9,6 +9,7 @@ silently.
 
 Phases, in order (v3_generate runs in the background from the start, beside the NCCL phases):
   nccl_smoke, nccl_layouts   bench/gpu_check_nccl.py  several NCCL ranks on one GPU
+  nccl_dead_rank             bench/gpu_check_faults.py SIGKILL to one of 2 NCCL ranks; --resume bitwise
   v3_generate, v3            bench/gpu_check_v3.py    DeepSeek-V3 widths, 256 experts, end to end
   nvml_slurm                 bench/gpu_check_ops.py   NVML telemetry in scores.json; launch_score.sh --dry-run
   kernels                    bench/gpu_check.py       the single-process FP8 kernel checks (a, d, e)
@@ -54,13 +55,14 @@ PHASES = [
     Phase("v3_generate", "gpu_check_v3", "phase_v3_generate", 240, 0),  # background, see main()
     Phase("nccl_smoke", "gpu_check_nccl", "phase_nccl_smoke", 60, 25),
     Phase("nccl_layouts", "gpu_check_nccl", "phase_nccl_layouts", 130, 40),
+    Phase("nccl_dead_rank", "gpu_check_faults", "phase_nccl_dead_rank", 75, 20),
     Phase("v3", "gpu_check_v3", "phase_v3", 200, 60),
     Phase("nvml_slurm", "gpu_check_ops", "phase_nvml_slurm", 30, 10),
     Phase("kernels", "gpu_check_ops", "phase_kernels", 45, 15, needs_cuda=True),
     Phase("fused_moe", "gpu_check_ops", "phase_fused_moe", 60, 15, needs_cuda=True),
 ]
 BACKGROUND = "v3_generate"
-PREREQUISITES = {"nccl_layouts": "nccl_smoke", "v3": BACKGROUND}
+PREREQUISITES = {"nccl_layouts": "nccl_smoke", "nccl_dead_rank": "nccl_smoke", "v3": BACKGROUND}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -68,15 +68,23 @@ def signal_tree(pid: int, sig: int) -> None:
             pass
 
 
+def snapshot_steps(inprogress: Path) -> dict[int, set[int]]:
+    """The steps each rank has a snapshot of in a run's OUTPUT.inprogress ({rank: {step, ...}})."""
+    steps: dict[int, set[int]] = {}
+    for p in Path(inprogress).glob("state_rank*_step*.pt"):
+        if m := re.fullmatch(r"state_rank(\d+)_step(\d+)\.pt", p.name):
+            steps.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return steps
+
+
 def snapshot_for_every_rank(inprogress: Path, world: int, min_step: int = 1):
     """Condition: some step >= min_step has a snapshot of every rank, and rank 0 has announced it."""
 
     def ready(stderr: str) -> bool:
         if "--resume continues" not in stderr:
             return False
-        steps = [{int(m.group(1)) for p in inprogress.glob(f"state_rank{rank}_step*.pt")
-                  if (m := re.search(r"_step(\d+)\.pt$", p.name))} for rank in range(world)]
-        common = set.intersection(*steps) if steps else set()
+        steps = snapshot_steps(inprogress)
+        common = set.intersection(*(steps.get(rank, set()) for rank in range(world)))
         return any(step >= min_step for step in common)
 
     return ready

@@ -49,7 +49,7 @@ def test_every_phase_is_recorded_with_a_status(dry):
     assert report["format"] == gpu_check_run.FORMAT and report["mode"] == "dry"
     phases = report["phases"]
     assert set(phases) == {p.name for p in gpu_check_run.PHASES}
-    for name in ("nccl_smoke", "nccl_layouts", "v3_generate", "v3", "nvml_slurm"):
+    for name in ("nccl_smoke", "nccl_layouts", "nccl_dead_rank", "v3_generate", "v3", "nvml_slurm"):
         assert phases[name]["status"] == "ok", (name, phases[name].get("error"))
         assert all(c["ok"] for c in phases[name]["result"]["checks"])
     for name in ("kernels", "fused_moe"):  # CUDA only: skipped, and the JSON says why
@@ -76,6 +76,34 @@ def test_every_layout_matches_one_rank(dry):
         assert cmp["worst_rel_err"] <= 1e-5 and len(cmp["max_rel_err"]) >= 12, name
     ev = layouts["evaluate_pp2"]
     assert ev["ok"] and ev["demos"] == 6 and ev["logits_rel_err"] <= 1e-5
+
+
+def test_a_dead_rank_stops_the_other_and_resume_is_bitwise_equal(dry):
+    """nccl_dead_rank (gloo here): every check the GPU run makes is there and passed, and the
+    figures behind them agree with their verdicts."""
+    result = dry[0]["phases"]["nccl_dead_rank"]["result"]
+    assert {c["name"] for c in result["checks"] if c["ok"]} == {
+        "uninterrupted 2-rank run", "rank 1 killed mid-run, torchrun exited", "torchrun exits non-zero",
+        "exit sooner than the dist timeout", "summary names rank 1 and SIGKILL", "no output directory",
+        "last snapshot of every rank loads", "--resume finishes", "resumed at the last snapshot",
+        "resumed scores bitwise equal to the uninterrupted run"}
+    fault = result["fault"]
+    print(f"dry nccl_dead_rank: SIGKILL of rank 1 -> torchrun exit {fault['rc']} after "
+          f"{fault['seconds_kill_to_exit']} s (--dist-timeout {result['dist_timeout_s']})")
+    assert fault["rc"] != 0 and 0 < fault["seconds_kill_to_exit"] < result["dist_timeout_s"]
+    assert fault["survivor_reported_collective_failure"]  # gloo: the closed socket, not the timeout
+    assert fault["summary_exitcodes"]["1"] == -9  # the killed rank, as torchrun's summary says
+    assert result["resumed_at_step"] == result["snapshot"]["step"] >= result["kill_at_step"]
+    assert not (dry[1] / "work" / "dead_rank" / "scores.inprogress").exists()  # the resume cleaned up
+
+
+def test_every_phase_gets_its_full_limit_when_the_earlier_ones_keep_to_their_reserves():
+    """The 7-minute budget: a phase's limit is cut to leave every later phase its reserve; when
+    the earlier phases take no more than their reserves, no phase's own limit is cut."""
+    run = [p for p in gpu_check_run.PHASES if p.name != gpu_check_run.BACKGROUND]
+    for i, phase in enumerate(run):
+        left = 420 - sum(p.reserve_s for p in run[:i]) - sum(p.reserve_s for p in run[i + 1:])
+        assert left >= phase.timeout_s, (phase.name, left)
 
 
 def test_the_score_comparison_can_fail(dry):
@@ -131,7 +159,7 @@ def test_a_failing_phase_is_recorded_verbatim(tmp_path):
     assert "n_routed_experts 3 is not divisible by n_group 4" in phases["v3_generate"]["error"]
     assert phases["v3"]["status"] == "not_run" and "v3_generate" in phases["v3"]["reason"]
     assert all(phases[n]["status"] == "skipped" and "--phases" in phases[n]["reason"]
-               for n in ("nccl_smoke", "nccl_layouts", "nvml_slurm", "kernels", "fused_moe"))
+               for n in ("nccl_smoke", "nccl_layouts", "nccl_dead_rank", "nvml_slurm", "kernels", "fused_moe"))
 
 
 def test_a_timeout_kills_the_whole_process_group(tmp_path):

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from faults import run_then_fault, signal_tree, snapshot_for_every_rank, worker_pid
+from faults import run_then_fault, signal_tree, snapshot_for_every_rank, snapshot_steps, worker_pid
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -76,11 +76,7 @@ def _inprogress(out: Path) -> Path:
 
 
 def _snapshots(out: Path) -> dict[int, set[int]]:
-    steps: dict[int, set[int]] = {}
-    for p in _inprogress(out).glob("state_rank*_step*.pt"):
-        rank, step = map(int, re.match(r"state_rank(\d+)_step(\d+)\.pt", p.name).groups())
-        steps.setdefault(rank, set()).add(step)
-    return steps
+    return snapshot_steps(_inprogress(out))
 
 
 def _resume_equals(cmd, out: Path, reference: dict) -> int:
