@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import shutil
@@ -573,6 +574,9 @@ def test_cli_merge(sources, tmp_path):
     run = _cli(*common, "--output", tmp_path / "out", "--merge", "output-frequency-aligned")
     assert run.returncode == 0, run.stderr
     assert "merged (output-frequency-aligned)" in run.stdout
+    members = sum(len(ms) for v in json.loads((tmp_path / "out" / "pruning.json").read_text())["merge"]["clusters"]
+                  .values() for ms in v.values())
+    assert re.search(rf"merge .*\b{members}/{members} experts", run.stderr), run.stderr  # the final progress line
     record = json.loads((tmp_path / "out" / "pruning.json").read_text())["merge"]
     expected = oracle_plan(source, selection_for(source), MergeRule.parse("output-frequency-aligned"))
     assert {int(l): {int(k): [m for m, _ in ms] for k, ms in v.items()} for l, v in record["clusters"].items()} == \

@@ -85,6 +85,7 @@ from megatron_easyep.checkpoint.reader import (
     read_safetensors_header,
     scale_inv_name,
 )
+from megatron_easyep.progress import Progress
 from megatron_easyep.pruning.selection import (
     EQUAL_PER_GROUP,
     RANDOM_METRIC,
@@ -573,6 +574,9 @@ class MergeWriter:
         staged = _StagedTensors(Path(staging), weight_map)
         errors: dict[str, dict[str, dict[str, float]]] = {}
         router_moved: dict[str, dict[str, float]] = {}
+        # DeepSeek-V3 reads every expert once here (hours with -aligned on a CPU node): show an ETA
+        progress = Progress("merge", sum(len(m) for by_kept in self.applied.values() for m in by_kept.values()),
+                            unit="experts", enabled=log is not None)
         for layer, by_kept in sorted(self.applied.items()):
             renumber = {old: new for new, old in enumerate(self.layer_kept[layer])}
             errors[str(layer)] = {}
@@ -582,11 +586,13 @@ class MergeWriter:
                     proj: staged.write(expert_weight_name(layer, renumber[kept_id], proj), merged[proj],
                                        self.source.block)
                     for proj in PROJECTIONS}
+                progress.advance(len(members))
             if self.plan.rule.router == "average":
                 router_moved[str(layer)] = self._average_router_rows(staged, layer, by_kept, renumber)
             if log:
                 log(f"merge: layer {layer}: {len(by_kept)} kept experts absorbed "
                     f"{sum(len(m) - 1 for m in by_kept.values())} dropped ones ({self.plan.rule.label})")
+        progress.close()
         record = self.plan.to_json()
         record["clusters"] = {k: v for k, v in record["clusters"].items() if int(k) in self.applied}
         record["similarity"] = {k: v for k, v in record["similarity"].items() if int(k) in self.applied}
