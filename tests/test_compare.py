@@ -287,6 +287,14 @@ def test_bad_requests_fail_before_any_output(tiny_checkpoint_factory, tmp_path):
         run_compare(CompareRun(**base, keeps=[8], resume=True))
     with pytest.raises(CompareError, match="exclude each other"):
         run_compare(CompareRun(**base, keeps=[8], resume=True, overwrite=True))
+    with pytest.raises(CompareError, match="--merge 'output-magic'"):
+        run_compare(CompareRun(**base, keeps=[8], merges=["output-magic"]))
+    with pytest.raises(CompareError, match="only score criteria can be merged"):
+        run_compare(CompareRun(**base, keeps=[8], merges=["output-frequency"], merge_of=["random"]))
+    from megatron_easyep.scoring.demos import DemoError
+
+    with pytest.raises(DemoError, match="missing.jsonl does not exist"):  # calibration files too, before the store
+        run_compare(CompareRun(**{**base, "demos": [f"{tmp_path / 'missing.jsonl'}:math"]}, keeps=[8]))
     assert not (tmp_path / "out").exists()
 
 

@@ -434,6 +434,7 @@ def _write_outputs(run: CompareRun, output: Path, config, heldout, refs, timings
 def run_compare(run: CompareRun) -> Path:
     from megatron_easyep.mcore import parallel
     from megatron_easyep.checkpoint.reader import DeepseekV3Config
+    from megatron_easyep.scoring.demos import load_demos
     from megatron_easyep.scoring.run import ScoreRun, run_scoring
 
     started = time.perf_counter()
@@ -446,6 +447,7 @@ def run_compare(run: CompareRun) -> Path:
     # the source's compute dtype, by name, for every model here (pruned ones included)
     dtype = str(model_lib.resolve_dtype(run.dtype, config)).replace("torch.", "")
     heldout = load_heldout(run, config)  # validates the files before any compute
+    load_demos(run.demos, run.hf_checkpoint, vocab_size=config.vocab_size, max_length=run.max_length)  # and these
     if run.overwrite:
         shutil.rmtree(output / EVALUATIONS, ignore_errors=True)
     for stale in output.glob(".compare-*"):  # temporary exports of a killed run
