@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fixed per-rank overhead while scoring: CUDA context, NCCL, allocator")
     parser.add_argument("--serve-kv-tokens", type=int, default=plan.ServeAssumptions.kv_tokens,
                         help="KV-cache tokens reserved per GPU when serving")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks of an allocation: also print (and put in the JSON as \"for_world\") the best "
+                             "layout whose GPU count divides it, the other ranks being data-parallel replicas")
     parser.add_argument("--json", dest="json_path", help="also write the plan as JSON to this file")
     return parser
 
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--gpu-memory-gib must be > 0, got {args.gpu_memory_gib}")
         if args.max_length < 1 or args.serve_kv_tokens < 0 or args.overhead_gib < 0:
             raise ValueError("--max-length must be >= 1; --serve-kv-tokens, --overhead-gib >= 0")
+        if args.world_size is not None and args.world_size < 1:
+            raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
         if not args.imbalance >= 1 or args.max_pp < 1:
             raise ValueError("--imbalance must be >= 1 and --max-pp >= 1")
         if args.config:
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             keeps=args.keep, dtype=args.dtype, tokens=args.max_length,
             overhead_gib=args.overhead_gib, imbalance=args.imbalance, max_pp=args.max_pp,
             checkpoint=args.checkpoint_path or args.hf_checkpoint or "CKPT", demos=args.demos,
-            output=args.output,
+            output=args.output, world_size=args.world_size,
             serve=plan.ServeAssumptions(kv_tokens=args.serve_kv_tokens))
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError
         print(f"plan: error: {err}", file=sys.stderr)

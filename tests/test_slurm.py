@@ -194,6 +194,25 @@ def test_layout_comes_from_the_plan(tmp_path, demos, extra, nodes, layout):
     assert plan["recommended"]["pp"] == int(pp)
 
 
+def test_one_h200_node_gets_the_plans_best_layout_for_its_eight_gpus(tmp_path, demos):
+    """The smallest layout (PP=6 x EP=1 on 6 of the 8 H200s) does not divide the allocation: the
+    launcher takes the best one that does, PP=1 x EP=8 (92 GiB of FP8 weights per rank fit 139.8)."""
+    import json
+
+    ckpt = tmp_path / "v3"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(V3_CONFIG))
+    proc = _launch(tmp_path, _score_args(ckpt, demos, tmp_path / "out", "--max-length", "16384"),
+                   EASYEP_DRY_RUN=1, SLURM_JOB_ID=8, SLURM_JOB_NUM_NODES=1, SLURM_GPUS_ON_NODE=8,
+                   EASYEP_GPU_MEMORY_GIB="139.8")
+    assert proc.returncode == 0, proc.stderr
+    cmd = " ".join(_torchrun_line(proc)).replace("\\,", ",")
+    assert "--pipeline-parallel 1 --pipeline-layout 61 --expert-parallel 8" in cmd
+    assert "pipeline parallel 1, expert parallel 8, data parallel 1" in proc.stderr
+    plan = json.loads((tmp_path / "out.logs" / "job8-restart0" / "plan.json").read_text())
+    assert (plan["recommended"]["gpus"], plan["for_world"]["gpus"]) == (6, 8)
+
+
 def test_plan_layout_larger_than_the_allocation_is_refused(tmp_path, demos):
     import json
 

@@ -203,12 +203,16 @@ job_main() {
       local plan_tokens="${mbt:-${tokens:-4096}}" plan_json
       plan_json="$(mktemp)"
       local plan_cmd=("$py" "$REPO/converters/plan.py" --hf-checkpoint "$ckpt" --gpus-per-node "$nproc"
-        --gpu-memory-gib "$memory" --max-length "$plan_tokens" --checkpoint-path "$ckpt" --json "$plan_json")
+        --gpu-memory-gib "$memory" --max-length "$plan_tokens" --checkpoint-path "$ckpt" --world-size "$world"
+        --json "$plan_json")
       ((dequant == 0)) || plan_cmd+=(--dtype bf16)
       PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${plan_cmd[@]}" >"$plan_json.txt" \
         || die "converters/plan.py failed: $(tail -n 3 "$plan_json.txt")"
+      # the best layout for this allocation (its GPUs divide the world: the rest are data-parallel
+      # replicas), else the smallest overall, which the check below refuses with what to allocate
       planned="$("$py" -c 'import json, sys
-r = json.load(open(sys.argv[1]))["recommended"]
+p = json.load(open(sys.argv[1]))
+r = p["for_world"] or p["recommended"]
 print("" if r is None else " ".join(map(str, [r["pp"], r["ep"], r["gpus"], ",".join(map(str, r["stage_layers"]))])))' "$plan_json")" \
         || die "cannot read the plan in $plan_json"
       [[ -n "$planned" ]] || die "converters/plan.py finds no PP x EP layout that fits $nproc x $memory GiB GPUs at $plan_tokens tokens (see $plan_json.txt)"

@@ -492,9 +492,12 @@ def build_report(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_gib: f
                  keeps: list[int] | None = None, dtype: str | None = None, tokens: int = 4096,
                  overhead_gib: float = 3.0, serve: ServeAssumptions = ServeAssumptions(),
                  imbalance: float = 2.0, max_pp: int = 16, checkpoint: str = "CKPT",
-                 demos: list[str] | None = None, output: str | None = None) -> dict:
+                 demos: list[str] | None = None, output: str | None = None,
+                 world_size: int | None = None) -> dict:
     """Everything the plan command prints, as data. `dtype` None: as the loader holds them.
-    `demos` / `output` complete the printed launch line (placeholders when not given)."""
+    `demos` / `output` complete the printed launch line (placeholders when not given).
+    `world_size` (an allocation's ranks): also the best layout whose GPUs divide it (the rest of
+    the ranks are data-parallel replicas), which the SLURM launcher uses."""
     dtype = dtype or default_dtype(cfg)
     memory = int(gpu_memory_gib * GIB)
     size = model_size(cfg)
@@ -524,7 +527,9 @@ def build_report(cfg: DeepseekV3Config, *, gpus_per_node: int, gpu_memory_gib: f
                 dtype_bytes=dtype_bytes, imbalance=imbalance, fp8_resident=dtype == "fp8"),
             "logits_bytes": logits_bytes(cfg, tokens, dtype_bytes),
             "lm_head_bytes": size.bytes(dtype, scope="main", categories={"lm_head"}),
-            "serving": serving, "serve": serve}
+            "serving": serving, "serve": serve, "world_size": world_size,
+            "for_world": None if world_size is None else next(
+                (l for l in layouts if world_size % l.gpus == 0), None)}
 
 
 def format_report(report: dict) -> str:
@@ -584,6 +589,11 @@ def format_report(report: dict) -> str:
     else:
         w("    -> the full model does not fit on this node shape with any PP x EP "
           f"(EP a divisor of {cfg.n_routed_experts}).")
+    if report["world_size"] is not None:
+        fit = report["for_world"]
+        w(f"    -> for {report['world_size']} ranks: " + (
+            f"PP={fit.pp} x EP={fit.ep} ({fit.gpus} GPUs per replica, data parallel "
+            f"{report['world_size'] // fit.gpus})" if fit else "no layout's GPU count divides it"))
     w("")
     serve = report["serve"]
     w(f"(b) Serving the pruned model with FP8 weights ({report['gpus_per_node']} x "
@@ -624,6 +634,10 @@ def report_as_json(report: dict) -> dict:
         "recommended": None if not report["scoring"] else {
             k: getattr(report["scoring"][0], k) for k in ("pp", "ep", "gpus", "nodes", "gpus_per_node")}
         | {"stage_layers": list(report["scoring"][0].stage_layers)},
+        # the best layout whose GPU count divides --world-size (null without one, or when none does)
+        "for_world": None if report["for_world"] is None else {
+            k: getattr(report["for_world"], k) for k in ("pp", "ep", "gpus", "nodes", "gpus_per_node")}
+        | {"stage_layers": list(report["for_world"].stage_layers), "world_size": report["world_size"]},
         "activation_bytes": report["activations"],
         "lm_head_bytes_not_built": report["lm_head_bytes"], "logits_bytes_not_built": report["logits_bytes"],
         "serving": [{"kept": r["kept"], "params": r["params"], "activated": r["activated"],
