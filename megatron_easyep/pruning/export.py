@@ -422,6 +422,33 @@ def _other_files(src: Path, weight_files: set[str]) -> list[Path]:
     )
 
 
+def _check_mtp_present(checkpoint: HFCheckpoint, mtp: str) -> None:
+    present = {int(m.group(1)) for m in map(_LAYER_NAME.match, checkpoint.weight_map) if m}
+    absent_mtp = [layer for layer in checkpoint.config.mtp_layer_ids if layer not in present]
+    if absent_mtp and mtp == "prune":
+        raise ExportError(
+            f"config declares MTP layer(s) {absent_mtp} but the checkpoint has no tensors for them; "
+            f"use mtp='drop' (--mtp drop) to write num_nextn_predict_layers 0"
+        )
+
+
+def _write_shards(src: Path, staging: Path, plan: dict, shard_metadata: dict, progress) -> tuple[dict[str, str], int]:
+    """Every planned shard into the staging directory; (tensor name -> shard, bytes of tensor data)."""
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    planned_size = sum(tensor.nbytes for tensors in plan.values() for tensor in tensors)
+    for shard, tensors in plan.items():
+        if not tensors:
+            continue
+        _write_shard(src / shard, staging / shard, tensors, shard_metadata[shard])
+        for tensor in tensors:
+            weight_map[tensor.name] = shard
+            total_size += tensor.nbytes
+        if progress:
+            progress(total_size, planned_size)
+    return weight_map, total_size
+
+
 def export_pruned(
     src_dir: str | os.PathLike,
     dst_dir: str | os.PathLike,
@@ -464,15 +491,8 @@ def export_pruned(
                                          selection.storage_format, config)
     if identity_note and log:
         log(identity_note)
-    mtp_layers = list(config.mtp_layer_ids)
-    present = {int(m.group(1)) for m in map(_LAYER_NAME.match, checkpoint.weight_map) if m}
-    absent_mtp = [layer for layer in mtp_layers if layer not in present]
-    if absent_mtp and mtp == "prune":
-        raise ExportError(
-            f"config declares MTP layer(s) {absent_mtp} but the checkpoint has no tensors for them; "
-            f"use mtp='drop' (--mtp drop) to write num_nextn_predict_layers 0"
-        )
-    dropped = set(mtp_layers) if mtp == "drop" else set()
+    _check_mtp_present(checkpoint, mtp)
+    dropped = set(config.mtp_layer_ids) if mtp == "drop" else set()
     plan, shard_metadata = _plan(checkpoint, layer_kept, dropped, layer_disabled)
     merger = None
     if merge is not None:
@@ -489,18 +509,7 @@ def export_pruned(
 
     # ---- everything checked: write into a staging sibling, then rename into place ----
     with io.staged_output(dst, overwrite=overwrite, lock=True) as staging:
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        planned_size = sum(tensor.nbytes for tensors in plan.values() for tensor in tensors)
-        for shard, tensors in plan.items():
-            if not tensors:
-                continue
-            _write_shard(src / shard, staging / shard, tensors, shard_metadata[shard])
-            for tensor in tensors:
-                weight_map[tensor.name] = shard
-                total_size += tensor.nbytes
-            if progress:
-                progress(total_size, planned_size)
+        weight_map, total_size = _write_shards(src, staging, plan, shard_metadata, progress)
         io.write_index(staging, weight_map, total_size, source_index.get("metadata"))
         io.write_json(staging / CONFIG_FILE, new_config)
         for path in _other_files(src, set(checkpoint.weight_map.values()) | {SINGLE_FILE}):
