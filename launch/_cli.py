@@ -150,6 +150,7 @@ def run_main(main, quiet: str | None = None) -> None:
 
     try:
         main()
+        _close_process_groups()
     except RunInterrupted as e:  # SIGINT/SIGTERM: stopped at a step boundary, snapshot written
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -170,6 +171,22 @@ def run_main(main, quiet: str | None = None) -> None:
     except OSError as e:  # a write that failed (disk full, quota, file size limit, read-only): io names the path
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def _close_process_groups() -> None:
+    """After a successful run: wait for every rank, then destroy the process groups. Left to the
+    interpreter's exit, gloo's teardown can race a peer's closing socket and abort a finished rank
+    ("terminate called without an active exception", SIGABRT: a failed run after all its work;
+    pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    from megatron_easyep.mcore import parallel
+
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    parallel.shutdown()
 
 
 def _collective_failed(error: RuntimeError) -> bool:
