@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check_lib as lib  # noqa: E402
-from gpu_check_nccl import ROUTES, _tiny_fp8_checkpoint  # noqa: E402
+from gpu_check_nccl import _tiny_fp8_checkpoint, smoke_route_env  # noqa: E402
 
 sys.path.insert(0, str(lib.REPO / "tests"))
 from faults import run_then_fault, snapshot_for_every_rank, snapshot_steps, worker_pid  # noqa: E402
@@ -108,10 +108,7 @@ def _bitwise_equal(got_dir: Path, ref_dir: Path) -> tuple[bool, str]:
 
 
 def phase_nccl_dead_rank(ctx: dict) -> dict:
-    smoke = ctx["results"].get("nccl_smoke") or {}
-    if not ctx["dry"] and "route_env" not in smoke:
-        raise RuntimeError("nccl_smoke found no working route: nothing to launch the ranks with")
-    env = lib.base_env(dict(ctx, route_env=smoke.get("route_env", ROUTES["gloo"])))
+    env = smoke_route_env(ctx, "the ranks")
     work = Path(ctx["workdir"]) / "dead_rank"
     work.mkdir(parents=True, exist_ok=True)
     ckpt = _tiny_fp8_checkpoint(Path(ctx["workdir"]) / "layouts")  # nccl_layouts' one, made if missing

@@ -201,11 +201,16 @@ LAYOUTS = {
 }
 
 
-def phase_nccl_layouts(ctx: dict) -> dict:
+def smoke_route_env(ctx: dict, what: str) -> dict:
+    """The environment of the route nccl_smoke found working (gloo in the dry mode)."""
     smoke = ctx["results"].get("nccl_smoke") or {}
     if not ctx["dry"] and "route_env" not in smoke:
-        raise RuntimeError("nccl_smoke found no working route: nothing to launch the layouts with")
-    env = lib.base_env(dict(ctx, route_env=smoke.get("route_env", ROUTES["gloo"])))
+        raise RuntimeError(f"nccl_smoke found no working route: nothing to launch {what} with")
+    return lib.base_env(dict(ctx, route_env=smoke.get("route_env", ROUTES["gloo"])))
+
+
+def phase_nccl_layouts(ctx: dict) -> dict:
+    env = smoke_route_env(ctx, "the layouts")
     work = Path(ctx["workdir"]) / "layouts"
     work.mkdir(parents=True, exist_ok=True)
     ckpt = _tiny_fp8_checkpoint(work)
